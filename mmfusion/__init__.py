@@ -1,0 +1,25 @@
+"""mmfusion: multimodal contrastive and generative models.
+
+    import mmfusion
+    model = mmfusion.load("runs/NAME")
+    image_emb = model.encode_image([pil_image, "photo.jpg"])   # (N, E), L2-normalised float32
+    text_emb = model.encode_text(["a red circle"])              # (N, E)
+"""
+
+from mmfusion.api import ImageLoadError, MMFusion, load
+from mmfusion.config import ConfigError, RunConfig, load_config
+from mmfusion.models import create_model, list_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "ImageLoadError",
+    "MMFusion",
+    "RunConfig",
+    "__version__",
+    "create_model",
+    "list_models",
+    "load",
+    "load_config",
+]

@@ -1,0 +1,261 @@
+"""Typed configuration: frozen dataclasses, YAML recipes and ``key.sub=value`` overrides.
+
+A run is described by one :class:`RunConfig` with a sub-config per part (``model``, ``data``,
+``train``). Recipes live in ``configs/<name>.yaml`` (shipped as package data, so
+``create_model("tiny")`` works from an installed wheel); the file stem is the model name.
+
+Why frozen dataclasses and not dicts: a typo in a key (``train.epoch=5``) must fail loudly with the
+list of valid keys instead of silently training with the default, and a resolved config must be
+saved verbatim in every checkpoint so a run rebuilds itself offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+# CLIP's normalisation constants: a sane default that matches what open_clip/timm users expect.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 256
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    pool: str = "token"  # "token" (CLS) or "avg" over patch tokens
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    context_length: int = 32
+    vocab_size: int = 49408  # open_clip's BPE vocabulary
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Eval-time image preprocessing; saved in every checkpoint so a model rebuilds its transform."""
+
+    mean: tuple[float, ...] = OPENAI_MEAN
+    std: tuple[float, ...] = OPENAI_STD
+    interpolation: str = "bicubic"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny"
+    embed_dim: int = 256
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    init_logit_scale: float = math.log(1 / 0.07)  # CLIP's initial temperature
+    logit_bias: bool = False  # a learnable bias, for the sigmoid loss (train.loss=siglip turns it on)
+    init_logit_bias: float = -10.0  # SigLIP's initial bias
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Shard pattern(s) (brace/glob patterns, "::"-separated lists, pipe:/URLs) or "synthetic".
+    train: str = "synthetic"
+    val: str = "synthetic"  # "" disables held-out evaluation
+    train_samples: int = 0  # samples in one epoch of `train`; 0 = count local shards at start
+    synthetic_dir: str = "runs/.synthetic"  # cache for the built-in dataset's shards
+    synthetic_train: int = 20000
+    synthetic_val: int = 1000
+    synthetic_seed: int = 0
+    workers: int = 1
+    shuffle_buffer: int = 1000
+    # Train augmentation. No flips or colour jitter by default: captions name colours and sides.
+    crop_scale_min: float = 0.8
+    hflip: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    loss: str = "clip"  # "clip" (InfoNCE) or "siglip" (sigmoid)
+    batch_size: int = 64  # per rank and micro-batch; effective batch = batch_size * accum_steps * world
+    accum_steps: int = 1
+    epochs: float = 1.0
+    steps: int = 0  # > 0 overrides epochs
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, ...] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    precision: str = "bf16"  # "bf16" autocast or "fp32"
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    compile: bool = False
+    grad_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # steps; 0 = only at the end
+    checkpoint_every: int = 500  # steps
+    checkpoint_every_minutes: float = 10.0
+    keep_last: int = 2
+    tensorboard: bool = True
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+T = TypeVar("T")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown key '{where}{key}'{hint}; valid keys: {', '.join(sorted(valid))}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert only where it is lossless."""
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' must be a list, got {value!r}")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, key) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"unsupported annotation for '{key}'")  # keep the schema simple on purpose
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise ConfigError(f"unsupported annotation {tp} for '{key}'")
+    raise ConfigError(f"'{key}' expects {tp.__name__}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build ``cls`` from a nested dict, rejecting unknown keys and ill-typed values."""
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in types_:
+            raise _unknown_key(key, list(types_), prefix)
+        kwargs[key] = _coerce(value, types_[key], prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON/YAML-able dict (tuples become lists)."""
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override_value(raw: str, tp: Any) -> Any:
+    # Strings are taken verbatim: a shard pattern like "{000..009}.tar" is not YAML.
+    if tp is str:
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exn:
+        raise ConfigError(f"cannot parse value {raw!r}: {exn}") from None
+
+
+def apply_overrides(cfg: T, overrides: list[str]) -> T:
+    """Apply ``key.sub=value`` overrides, e.g. ``["train.epochs=5", "model.vision.depth=4"]``."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        path, raw = item.split("=", 1)
+        cfg = _replace_path(cfg, path.strip().split("."), raw, "")
+    return cfg
+
+
+def _replace_path(node: Any, parts: list[str], raw: str, where: str) -> Any:
+    types_ = _field_types(type(node))
+    key = parts[0]
+    if key not in types_:
+        raise _unknown_key(key, list(types_), where)
+    tp = types_[key]
+    if len(parts) == 1:
+        if dataclasses.is_dataclass(tp):
+            raise ConfigError(f"'{where}{key}' is a section; set one of its keys, e.g. {where}{key}.<key>=...")
+        value = _coerce(_parse_override_value(raw, tp), tp, where + key)
+    else:
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"'{where}{key}' is not a section")
+        value = _replace_path(getattr(node, key), parts[1:], raw, f"{where}{key}.")
+    return dataclasses.replace(node, **{key: value})
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path to a YAML file, or a config name (``"tiny"``) looked up in the shipped configs."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(f"unknown config '{name_or_path}'; available: {', '.join(list_configs())}")
+    return candidate
+
+
+def list_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str | Path = "tiny", overrides: list[str] | None = None) -> RunConfig:
+    """Load a run recipe from YAML, apply overrides, and default the model name to the file stem."""
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exn:
+        raise ConfigError(f"{path}: invalid YAML: {exn}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data.setdefault("model", {}).setdefault("name", path.stem)
+    try:
+        cfg = from_dict(RunConfig, data)
+    except ConfigError as exn:
+        raise ConfigError(f"{path}: {exn}") from None
+    return apply_overrides(cfg, overrides or [])

@@ -1,0 +1,269 @@
+"""Webdataset shards: expansion, counting, and an exactly resumable batch stream.
+
+Shards follow the img2dataset/open_clip convention: ``<key>.jpg|jpeg|png|webp`` + ``<key>.txt``
+(+ optional ``<key>.json``). Tar reading reuses webdataset's ``tarfile_samples`` (so ``pipe:`` and
+URLs work through ``gopen``); the ordering, splitting and shuffling are ours because they have to
+be replayable.
+
+Exact-sample resume, the design: the stream of one (rank, worker) in epoch ``e`` is a pure function
+of (seed, e, rank, worker): the shard order is a seeded permutation per epoch, the shuffle buffer
+has its own seeded RNG, and augmentation is seeded per sample. Every batch carries the worker that
+made it and that worker's position ``(epoch, raw index)`` after its last sample. Resuming replays
+each worker's raw byte stream up to its recorded position *without decoding* (decoding is the cost;
+reading local tar bytes is cheap) and continues from there, and the DataLoader's round-robin is
+rotated so the worker whose batch was next comes first again.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+import re
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmfusion.data.transforms import IMAGE_EXTENSIONS, ImageTransform, load_image
+
+log = logging.getLogger(__name__)
+
+
+class ShardError(ValueError):
+    """A shard pattern that matches nothing, or a file that is not a readable shard."""
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Expand ``{000..009}`` braces, ``::`` lists and ``*`` globs into a list of shard URLs.
+
+    Local files must exist (a clear error names what is missing); ``pipe:`` and URLs are passed on.
+    """
+    if not pattern or not pattern.strip():
+        raise ShardError("empty shard pattern")
+    urls: list[str] = []
+    for item in wds.shardlists.expand_urls(pattern):
+        if _is_remote(item):
+            urls.append(item)
+        elif any(ch in item for ch in "*?["):
+            matches = sorted(glob.glob(os.path.expanduser(item)))
+            if not matches:
+                raise ShardError(f"shard pattern '{item}' matches no file")
+            urls.extend(matches)
+        else:
+            urls.append(os.path.expanduser(item))
+    missing = [u for u in urls if not _is_remote(u) and not os.path.isfile(u)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ShardError(f"shard pattern '{pattern}': no such file '{missing[0]}'{more}")
+    return urls
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or re.match(r"^[a-z][a-z0-9+]*://", url) is not None
+
+
+def count_samples(urls: list[str]) -> int:
+    """Count samples with an image in local shards by reading tar headers only."""
+    total = 0
+    for url in urls:
+        if _is_remote(url):
+            raise ShardError(f"cannot count samples of remote shard '{url}'; set data.train_samples")
+        keys = set()
+        try:
+            with tarfile.open(url, "r") as tar:
+                for member in tar:
+                    base = os.path.basename(member.name)
+                    if "." in base and base.split(".", 1)[1].lower() in IMAGE_EXTENSIONS:
+                        keys.add(member.name.rsplit(".", 1)[0])
+        except (tarfile.TarError, OSError) as exn:
+            log.warning("counting %s stopped early: %s", url, exn)
+        total += len(keys)
+    return total
+
+
+@dataclass
+class Sample:
+    key: str
+    image: torch.Tensor
+    text: str
+    json: str
+
+
+class SampleDecoder:
+    """Decode one raw webdataset sample; returns None (never raises) for a corrupt or partial one."""
+
+    def __init__(self, transform: ImageTransform):
+        self.transform = transform
+
+    def __call__(self, raw: dict, rng: random.Random | None) -> Sample | None:
+        key = raw.get("__key__", "?")
+        try:
+            image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+            if image_bytes is None or "txt" not in raw:
+                raise ValueError("missing image or txt")
+            text = raw["txt"].decode("utf-8").strip()
+            if not text:
+                raise ValueError("empty caption")
+            image = self.transform(load_image(image_bytes), rng)
+            meta = raw["json"].decode("utf-8") if "json" in raw else "{}"
+        except Exception as exn:  # any decoding failure is a bad sample, counted by the caller
+            log.debug("skipping sample %s from %s: %s", key, raw.get("__url__"), exn)
+            return None
+        return Sample(key=key, image=image, text=text, json=meta)
+
+
+class _ErrorCounter:
+    """webdataset ``handler``: count and log tar-level errors (truncated shard, unreadable file), go on."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.count += 1
+        log.warning("skipping unreadable shard data: %s", str(exn)[:300])
+        return True
+
+
+def _shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
+    buffer: list = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= bufsize:
+            i = rng.randrange(len(buffer))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class ShardStream(IterableDataset):
+    """Batches of decoded, tokenized samples from shards; infinite (training) or one pass (eval).
+
+    Each batch is a dict: ``image`` (B, 3, S, S), ``text`` (B, L) token ids, ``caption``/``key``/
+    ``json`` lists, and bookkeeping: ``worker``, ``epoch``, ``pos`` (the producing worker's position
+    after this batch) and ``skipped`` (bad samples since that worker's previous batch).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        batch_size: int,
+        transform: ImageTransform,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        *,
+        train: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+        start: dict | None = None,
+    ):
+        self.urls = urls
+        self.batch_size = batch_size
+        self.decoder = SampleDecoder(transform)
+        self.tokenizer = tokenizer
+        self.train = train
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle_buffer = shuffle_buffer if train else 0
+        self.start = start or {}  # {"rotation": int, "workers": {str(w): [epoch, pos]}}
+
+    def _raw_epoch(self, epoch: int, worker: int, num_workers: int, errors: _ErrorCounter) -> Iterator[dict]:
+        """The raw (undecoded) samples one worker reads in one epoch, in a replayable order."""
+        urls = list(self.urls)
+        if self.train:
+            random.Random(f"shards-{self.seed}-{epoch}").shuffle(urls)
+        slots, slot = self.world_size * num_workers, self.rank * num_workers + worker
+        if len(urls) >= slots:
+            # Common case: whole shards per worker; ranks first so each rank's share is contiguous.
+            mine = urls[self.rank :: self.world_size][worker::num_workers]
+            raw = wds.tariterators.tarfile_samples([{"url": u} for u in mine], handler=errors)
+        else:
+            # Fewer shards than readers: every reader scans all shards and keeps every slots-th sample.
+            raw = wds.tariterators.tarfile_samples([{"url": u} for u in urls], handler=errors)
+            raw = (s for i, s in enumerate(raw) if i % slots == slot)
+        if self.shuffle_buffer > 1:
+            raw = _shuffled(raw, self.shuffle_buffer, random.Random(f"buf-{self.seed}-{epoch}-{self.rank}-{worker}"))
+        return raw
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        num_workers = info.num_workers if info else 1
+        # Rotate roles so that after a resume the worker whose batch was due next is asked first.
+        worker = ((info.id if info else 0) + self.start.get("rotation", 0)) % num_workers
+        epoch, skip = self.start.get("workers", {}).get(str(worker), (0, 0))
+        errors = _ErrorCounter()
+        reported_errors = 0
+        pending: list[tuple[Sample, int]] = []
+        while True:
+            pos = -1
+            for pos, raw in enumerate(self._raw_epoch(epoch, worker, num_workers, errors)):
+                if pos < skip:
+                    continue
+                rng = random.Random(f"aug-{self.seed}-{epoch}-{self.rank}-{worker}-{pos}") if self.train else None
+                sample = self.decoder(raw, rng)
+                if sample is None:
+                    errors.count += 1
+                    continue
+                pending.append(sample)
+                if len(pending) == self.batch_size:
+                    yield self._collate(pending, worker, epoch, pos + 1, errors.count - reported_errors)
+                    reported_errors, pending = errors.count, []
+            if self.train and pos < 0:
+                # An infinite stream over nothing would hang the run instead of failing it.
+                raise ShardError(f"worker {worker} of rank {self.rank} read no sample in epoch {epoch}")
+            skip = 0
+            epoch += 1
+            if not self.train:
+                if pending:
+                    yield self._collate(pending, worker, epoch, 0, errors.count - reported_errors)
+                return
+
+    def _collate(self, samples: list[Sample], worker: int, epoch: int, pos: int, skipped: int) -> dict:
+        captions = [s.text for s in samples]
+        return {
+            "image": torch.stack([s.image for s in samples]),  # (B, 3, S, S)
+            "text": self.tokenizer(captions),  # (B, L)
+            "caption": captions,
+            "key": [s.key for s in samples],
+            "json": [s.json for s in samples],
+            "worker": worker,
+            "epoch": epoch,
+            "pos": pos,
+            "skipped": skipped,
+        }
+
+
+class StreamPosition:
+    """Tracks, in the training process, where each worker's stream stands, for checkpoints."""
+
+    def __init__(self, num_workers: int, start: dict | None = None):
+        self.num_workers = max(1, num_workers)
+        start = start or {}
+        self.rotation = start.get("rotation", 0)
+        self.workers = dict(start.get("workers", {}))
+        self.batches = 0
+
+    def update(self, batch: dict) -> None:
+        self.workers[str(batch["worker"])] = [batch["epoch"], batch["pos"]]
+        self.batches += 1
+
+    def state(self) -> dict:
+        return {"rotation": (self.rotation + self.batches) % self.num_workers, "workers": dict(self.workers)}
+
+
+def make_loader(dataset: ShardStream, workers: int) -> DataLoader:
+    """A DataLoader over a :class:`ShardStream` (which batches itself: ``batch_size=None``)."""
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -1,0 +1,103 @@
+"""Held-out evaluation: image<->text recall@K and zero-shot classification.
+
+Positives are defined by caption text: an image counts as a correct hit for a text query when its
+own caption is the same string (and vice versa). Identical strings are indistinguishable to the text
+tower, so on data with repeated captions (the synthetic set, or several captions per image) this is
+the only fair definition; on data with unique captions it is the usual one-to-one pairing.
+When a sample's json carries ``"unseen": true`` (the synthetic held-out attribute combinations),
+every metric is also reported on that subset under the ``unseen/`` prefix.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import nn
+
+ZERO_SHOT_TEMPLATES = ("a {}.", "a photo of a {}.", "a picture of a {}.")
+
+
+@torch.no_grad()
+def embed_batches(model: nn.Module, batches, device: torch.device, autocast: AbstractContextManager | None = None):
+    """Embed every batch of an eval stream; returns image (N, E), text (N, E) and the samples' metadata."""
+    images, texts, captions, metas = [], [], [], []
+    model.eval()
+    for batch in batches:
+        with autocast or nullcontext():
+            out = model({"image": batch["image"].to(device), "text": batch["text"].to(device)})
+        images.append(out["image_features"].float().cpu())
+        texts.append(out["text_features"].float().cpu())
+        captions += batch["caption"]
+        metas += [json.loads(m) if m else {} for m in batch["json"]]
+    if not images:
+        raise ValueError("the evaluation set is empty")
+    return torch.cat(images), torch.cat(texts), captions, metas
+
+
+def recall_at_k(similarity: torch.Tensor, positives: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+    """Share of queries (rows) with at least one positive among their top-k columns, in percent."""
+    k_max = min(max(ks), similarity.shape[1])
+    top = similarity.topk(k_max, dim=1).indices  # (Q, k_max)
+    hit = positives.gather(1, top)  # (Q, k_max) bool
+    return {f"R@{k}": 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def retrieval_metrics(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, captions: list[str], ks=(1, 5, 10), subset: torch.Tensor | None = None
+) -> dict[str, float]:
+    """text->image and image->text recall@k; ``subset`` (bool, N) restricts the queries, not the gallery."""
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    caption_id = torch.tensor([ids[c] for c in captions])
+    positives = caption_id[:, None] == caption_id[None, :]  # (N, N): same caption text
+    sim = text_emb @ image_emb.T  # (N_text, N_image)
+    rows = subset if subset is not None else torch.ones(len(captions), dtype=torch.bool)
+    metrics = {}
+    for k, v in recall_at_k(sim[rows], positives[rows], ks).items():
+        metrics[f"text_to_image_{k}"] = v
+    for k, v in recall_at_k(sim.T[rows], positives[rows], ks).items():
+        metrics[f"image_to_text_{k}"] = v
+    return metrics
+
+
+@torch.no_grad()
+def zero_shot_accuracy(
+    model: nn.Module, tokenizer, image_emb: torch.Tensor, labels: list[str], device: torch.device
+) -> tuple[torch.Tensor, list[str]]:
+    """Per-image correctness (bool, N) of zero-shot classification over the labels present."""
+    classes = sorted(set(labels))
+    weights = []
+    for name in classes:
+        tokens = tokenizer([t.format(name) for t in ZERO_SHOT_TEMPLATES]).to(device)
+        emb = model({"text": tokens})["text_features"].float().cpu().mean(0)  # (E,)
+        weights.append(emb / emb.norm())
+    predicted = (image_emb @ torch.stack(weights).T).argmax(dim=1)  # (N,)
+    truth = torch.tensor([classes.index(label) for label in labels])
+    return predicted == truth, classes
+
+
+def evaluate_embeddings(
+    model: nn.Module, tokenizer, image_emb, text_emb, captions, metas, device: torch.device
+) -> dict[str, float]:
+    """All held-out metrics from precomputed embeddings (so the index can reuse exactly this code)."""
+    metrics: dict[str, float] = {"eval_samples": float(len(captions))}
+    metrics.update(retrieval_metrics(image_emb, text_emb, captions))
+    unseen = torch.tensor([bool(m.get("unseen", False)) for m in metas])
+    if unseen.any():
+        metrics["unseen_samples"] = float(unseen.sum())
+        metrics.update({f"unseen/{k}": v for k, v in retrieval_metrics(image_emb, text_emb, captions, subset=unseen).items()})
+    labels = [m.get("label") for m in metas]
+    if all(isinstance(label, str) for label in labels) and len(set(labels)) > 1:
+        correct, _ = zero_shot_accuracy(model, tokenizer, image_emb, labels, device)
+        metrics["zero_shot_top1"] = 100.0 * correct.float().mean().item()
+        if unseen.any():
+            metrics["unseen/zero_shot_top1"] = 100.0 * correct[unseen].float().mean().item()
+    return metrics
+
+
+def evaluate(model: nn.Module, tokenizer, batches, device: torch.device, autocast=None) -> dict[str, float]:
+    """Embed an eval stream and compute every held-out metric."""
+    image_emb, text_emb, captions, metas = embed_batches(model, batches, device, autocast)
+    with autocast or nullcontext():
+        return evaluate_embeddings(model, tokenizer, image_emb, text_emb, captions, metas, device)

@@ -1,0 +1,5 @@
+"""Training: the loop, tasks, losses, optimizer, checkpoints and distributed setup."""
+
+from mmfusion.train.loop import config_from_run, train
+
+__all__ = ["config_from_run", "train"]
