@@ -1,9 +1,9 @@
 """mmfusion: multimodal contrastive and generative models.
 
-    import mmfusion
-    model = mmfusion.load("runs/NAME")
-    image_emb = model.encode_image([pil_image, "photo.jpg"])   # (N, E), L2-normalised float32
-    text_emb = model.encode_text(["a red circle"])              # (N, E)
+import mmfusion
+model = mmfusion.load("runs/NAME")
+image_emb = model.encode_image([pil_image, "photo.jpg"])   # (N, E), L2-normalised float32
+text_emb = model.encode_text(["a red circle"])              # (N, E)
 """
 
 from mmfusion.api import ImageLoadError, MMFusion, load

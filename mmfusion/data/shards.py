@@ -202,7 +202,7 @@ class ShardStream(IterableDataset):
         reported_errors = 0
         pending: list[tuple[Sample, int]] = []
         while True:
-            pos = -1
+            decoded = 0
             for pos, raw in enumerate(self._raw_epoch(epoch, worker, num_workers, errors)):
                 if pos < skip:
                     continue
@@ -211,24 +211,28 @@ class ShardStream(IterableDataset):
                 if sample is None:
                     errors.count += 1
                     continue
+                decoded += 1
                 pending.append(sample)
                 if len(pending) == self.batch_size:
                     yield self._collate(pending, worker, epoch, pos + 1, errors.count - reported_errors)
                     reported_errors, pending = errors.count, []
-            if self.train and pos < 0:
-                # An infinite stream over nothing would hang the run instead of failing it.
-                raise ShardError(f"worker {worker} of rank {self.rank} read no sample in epoch {epoch}")
+            if self.train and decoded == 0 and skip == 0:
+                # An infinite stream over nothing usable would hang the run instead of failing it.
+                raise ShardError(f"worker {worker} of rank {self.rank} read no usable sample in epoch {epoch}")
             skip = 0
             epoch += 1
             if not self.train:
-                if pending:
+                if pending or errors.count > reported_errors:  # an empty batch still reports its skips
                     yield self._collate(pending, worker, epoch, 0, errors.count - reported_errors)
                 return
 
     def _collate(self, samples: list[Sample], worker: int, epoch: int, pos: int, skipped: int) -> dict:
         captions = [s.text for s in samples]
+        size = self.decoder.transform.image_size
         return {
-            "image": torch.stack([s.image for s in samples]),  # (B, 3, S, S)
+            "image": torch.stack([s.image for s in samples])
+            if samples
+            else torch.empty(0, 3, size, size),  # (B, 3, S, S)
             "text": self.tokenizer(captions),  # (B, L)
             "caption": captions,
             "key": [s.key for s in samples],

@@ -25,6 +25,8 @@ def embed_batches(model: nn.Module, batches, device: torch.device, autocast: Abs
     images, texts, captions, metas = [], [], [], []
     model.eval()
     for batch in batches:
+        if not batch["caption"]:  # a batch that only reports skipped samples
+            continue
         with autocast or nullcontext():
             out = model({"image": batch["image"].to(device), "text": batch["text"].to(device)})
         images.append(out["image_features"].float().cpu())
@@ -45,7 +47,11 @@ def recall_at_k(similarity: torch.Tensor, positives: torch.Tensor, ks=(1, 5, 10)
 
 
 def retrieval_metrics(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, captions: list[str], ks=(1, 5, 10), subset: torch.Tensor | None = None
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    captions: list[str],
+    ks=(1, 5, 10),
+    subset: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """text->image and image->text recall@k; ``subset`` (bool, N) restricts the queries, not the gallery."""
     ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
@@ -86,7 +92,9 @@ def evaluate_embeddings(
     unseen = torch.tensor([bool(m.get("unseen", False)) for m in metas])
     if unseen.any():
         metrics["unseen_samples"] = float(unseen.sum())
-        metrics.update({f"unseen/{k}": v for k, v in retrieval_metrics(image_emb, text_emb, captions, subset=unseen).items()})
+        metrics.update(
+            {f"unseen/{k}": v for k, v in retrieval_metrics(image_emb, text_emb, captions, subset=unseen).items()}
+        )
     labels = [m.get("label") for m in metas]
     if all(isinstance(label, str) for label in labels) and len(set(labels)) > 1:
         correct, _ = zero_shot_accuracy(model, tokenizer, image_emb, labels, device)

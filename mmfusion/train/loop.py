@@ -111,12 +111,18 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
             epoch = min(e for rank in state["data"] for e, _ in rank["workers"].values())
             data_start = {"workers": {str(w): [epoch, 0] for w in range(max(1, cfg.data.workers))}}
             log.warning("resuming with a different world size or worker count: data restarts at epoch %d", epoch)
-    train_model = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) if dist.enabled else model
+    train_model = (
+        DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        if dist.enabled
+        else model
+    )
     if tc.compile:
         train_model = torch.compile(train_model)
     task = ContrastiveTask(create_contrastive_loss(tc.loss, dist.rank, dist.world_size), dist.device, autocast)
 
-    transform = ImageTransform(image_size, cfg.model.preprocess, train=True, crop_scale_min=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
+    transform = ImageTransform(
+        image_size, cfg.model.preprocess, train=True, crop_scale_min=cfg.data.crop_scale_min, hflip=cfg.data.hflip
+    )
     stream = ShardStream(
         train_urls, tc.batch_size, transform, tokenizer, train=True, seed=tc.seed, rank=dist.rank,
         world_size=dist.world_size, shuffle_buffer=cfg.data.shuffle_buffer, start=data_start,
@@ -126,7 +132,9 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
 
     metrics_path = run_dir / "metrics.jsonl"
     writer = _open_tensorboard(run_dir, tc.tensorboard) if dist.is_main else None
-    bar = tqdm(total=total_steps, initial=step, disable=not (progress and dist.is_main), unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps, initial=step, disable=not (progress and dist.is_main), unit="step", dynamic_ncols=True
+    )
     if dist.is_main:
         bar.write(
             f"training {cfg.model.name} for {total_steps} steps ({total_steps * global_batch} samples, "
@@ -144,14 +152,20 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
             "skipped_samples": skipped_total,
             "metrics": last_metrics,
         }
-        path = ckpt_io.save_checkpoint(run_dir, step, unwrap(model), optimizer, state, tc.keep_last) if dist.is_main else None
+        path = (
+            ckpt_io.save_checkpoint(run_dir, step, unwrap(model), optimizer, state, tc.keep_last)
+            if dist.is_main
+            else None
+        )
         barrier(dist)
         return path
 
     def run_eval(step: int) -> dict:
         metrics = {}
         if dist.is_main and val_urls:
-            metrics = evaluate(unwrap(model), tokenizer, make_loader(eval_stream(cfg, val_urls, tokenizer), 0), dist.device, autocast)
+            metrics = evaluate(
+                unwrap(model), tokenizer, make_loader(eval_stream(cfg, val_urls, tokenizer), 0), dist.device, autocast
+            )
             _append_jsonl(metrics_path, {"step": step, "eval": metrics})
             if writer:
                 for k, v in metrics.items():
@@ -207,7 +221,9 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
                         writer.add_scalar(f"train/{k}", v, step)
             if record["data_wait"] > DATA_WAIT_WARNING and step > tc.log_every and not warned:
                 warned = True
-                log.warning("%.0f%% of step time is spent waiting for data; raise data.workers", 100 * record["data_wait"])
+                log.warning(
+                    "%.0f%% of step time is spent waiting for data; raise data.workers", 100 * record["data_wait"]
+                )
             window_start, window_data, window_steps = time.perf_counter(), 0.0, 0
 
         if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
@@ -231,7 +247,13 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
             print(format_metrics(last_metrics))
         print(f"checkpoint: {ckpt_path}")
     shutdown(dist)
-    return {"run_dir": run_dir, "checkpoint": ckpt_path, "step": step, "metrics": last_metrics, "skipped_samples": skipped_total}
+    return {
+        "run_dir": run_dir,
+        "checkpoint": ckpt_path,
+        "step": step,
+        "metrics": last_metrics,
+        "skipped_samples": skipped_total,
+    }
 
 
 def format_metrics(metrics: dict) -> str:
@@ -243,6 +265,10 @@ def format_metrics(metrics: dict) -> str:
             parts.append(
                 f"  {label}: text->image R@1 {metrics[keys[0]]:.1f} R@5 {metrics[keys[1]]:.1f}, "
                 f"image->text R@1 {metrics[keys[2]]:.1f}"
-                + (f", zero-shot top-1 {metrics[prefix + 'zero_shot_top1']:.1f}" if prefix + "zero_shot_top1" in metrics else "")
+                + (
+                    f", zero-shot top-1 {metrics[prefix + 'zero_shot_top1']:.1f}"
+                    if prefix + "zero_shot_top1" in metrics
+                    else ""
+                )
             )
     return "\n".join(parts)

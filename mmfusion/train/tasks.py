@@ -51,7 +51,7 @@ class ContrastiveTask:
         for j, x in enumerate(inputs):
             # DDP: synchronise gradients only on the last micro-batch.
             sync = j == len(inputs) - 1
-            with (model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext()), self.autocast:
+            with model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext(), self.autocast:
                 out = model(x)
             full = {
                 "image_features": torch.cat(images[:j] + [out["image_features"]] + images[j + 1 :]),  # (B_eff, E)

@@ -1,0 +1,58 @@
+import dataclasses
+
+import pytest
+
+from mmfusion.config import ConfigError, RunConfig, apply_overrides, from_dict, load_config, to_dict
+from mmfusion.models import list_models
+
+
+def test_shipped_configs_load_and_name_themselves():
+    assert {"tiny", "small", "base"} <= set(list_models())
+    for name in list_models():
+        cfg = load_config(name)
+        assert cfg.model.name == name
+    assert load_config("tiny").model.vision.image_size == 64
+    assert load_config("base").model.vision.image_size == 224
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(load_config("tiny"), ["train.epochs=5", "model.vision.depth=3", "train.compile=true"])
+    assert cfg.train.epochs == 5.0 and isinstance(cfg.train.epochs, float)
+    assert cfg.model.vision.depth == 3
+    assert cfg.train.compile is True
+    with pytest.raises(ConfigError, match="expects int"):
+        apply_overrides(cfg, ["model.vision.depth=three"])
+    with pytest.raises(ConfigError, match="expects int"):
+        apply_overrides(cfg, ["model.vision.depth=2.5"])
+
+
+def test_string_values_are_verbatim_not_yaml():
+    cfg = apply_overrides(RunConfig(), ["data.train=shards/{000000..000009}.tar", "data.val=a.tar::b.tar"])
+    assert cfg.data.train == "shards/{000000..000009}.tar"
+    assert cfg.data.val == "a.tar::b.tar"
+
+
+def test_unknown_key_lists_valid_keys_and_suggests():
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(RunConfig(), ["train.epoch=5"])
+    message = str(info.value)
+    assert "train.epoch" in message and "did you mean 'epochs'" in message and "batch_size" in message
+    with pytest.raises(ConfigError, match="unknown key 'nope'"):
+        from_dict(RunConfig, {"nope": 1})
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides(RunConfig(), ["train.epochs"])
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  batch_sise: 3\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*batch_sise"):
+        load_config(path)
+
+
+def test_round_trip_through_dict():
+    cfg = apply_overrides(load_config("small"), ["train.betas=[0.9, 0.95]"])
+    assert from_dict(RunConfig, to_dict(cfg)) == cfg
+    assert cfg.train.betas == (0.9, 0.95)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0

@@ -1,0 +1,59 @@
+"""Contracts every shipped model config must satisfy (parametrised over list_models())."""
+
+import pytest
+import torch
+
+from mmfusion.models import create_model, create_tokenizer, list_models
+from mmfusion.train.checkpoint import load_weights, save_checkpoint
+
+SHALLOW = {"vision": {"depth": 1}, "text": {"depth": 1}}  # real widths/patches/sizes, one block each
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_backward_shapes(name):
+    torch.manual_seed(0)
+    model = create_model(name, **SHALLOW)
+    cfg = model.cfg
+    size, ctx = cfg.vision.image_size, cfg.text.context_length
+    tokens = create_tokenizer(ctx)(["a red circle", "two blue squares above a star"])
+    out = model({"image": torch.randn(2, 3, size, size), "text": tokens})
+    n_patches = (size // cfg.vision.patch_size) ** 2
+    assert out["image_features"].shape == (2, cfg.embed_dim)
+    assert out["text_features"].shape == (2, cfg.embed_dim)
+    assert out["image_tokens"].shape == (2, 1 + n_patches, cfg.vision.width)
+    assert out["text_tokens"].shape == (2, ctx, cfg.text.width)
+    for key in ("image_features", "text_features"):
+        assert torch.isfinite(out[key]).all()
+        torch.testing.assert_close(out[key].norm(dim=-1), torch.ones(2))
+    loss = (out["image_features"] @ out["text_features"].T).sum() * out["logit_scale"]
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_save_load_is_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("tiny", **SHALLOW)
+    path = save_checkpoint(tmp_path, 1, model, None, {"config": {}})
+    other = create_model("tiny", **SHALLOW)
+    assert not torch.equal(other.visual.proj.weight, model.visual.proj.weight)  # a different random init
+    load_weights(path, other)
+    for (name, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_text_pooling_is_at_eot():
+    """The text embedding must not change when padding after EOT changes (EOT pooling, causal mask)."""
+    torch.manual_seed(0)
+    model = create_model("tiny", **SHALLOW).eval()
+    tokens = create_tokenizer(32)(["a red circle"])
+    altered = tokens.clone()
+    eot = int(tokens.argmax())
+    altered[0, eot + 1 :] = 123  # garbage after EOT
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(tokens), model.encode_text(altered))
+
+
+def test_logit_bias_only_when_configured():
+    assert create_model("tiny", **SHALLOW).logit_bias is None
+    assert create_model("tiny", logit_bias=True, **SHALLOW).logit_bias is not None
