@@ -20,6 +20,7 @@ def test_overrides_are_typed():
     assert cfg.train.epochs == 5.0 and isinstance(cfg.train.epochs, float)
     assert cfg.model.vision.depth == 3
     assert cfg.train.compile is True
+    assert apply_overrides(cfg, ["train.lr=2e-3"]).train.lr == 0.002  # YAML 1.1 reads this as a string
     with pytest.raises(ConfigError, match="expects int"):
         apply_overrides(cfg, ["model.vision.depth=three"])
     with pytest.raises(ConfigError, match="expects int"):

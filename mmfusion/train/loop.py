@@ -65,7 +65,7 @@ def _open_tensorboard(run_dir: Path, enabled: bool):
 
 
 def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict:
-    """Train a model; returns ``{"run_dir", "checkpoint", "step", "metrics", "skipped_samples"}``."""
+    """Train a model; returns ``{"run_dir", "checkpoint", "step", "metrics", "skipped_samples", "model"}``."""
     # ---- setup -------------------------------------------------------------------------------
     tc = cfg.train
     if tc.loss == "siglip" and not cfg.model.logit_bias:
@@ -253,6 +253,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
         "step": step,
         "metrics": last_metrics,
         "skipped_samples": skipped_total,
+        "model": model,
     }
 
 
