@@ -63,7 +63,8 @@ def test_training_logs_metrics_and_checkpoints(tmp_path, synthetic, capsys):
 
 
 def test_accumulation_and_siglip_run(tmp_path, synthetic):
-    cfg = load_config("tiny", tiny_overrides(synthetic, "train.steps=2", "train.batch_size=4", "train.accum_steps=2", "train.loss=siglip", "data.val="))  # fmt: skip
+    overrides = ["train.steps=2", "train.batch_size=4", "train.accum_steps=2", "train.loss=siglip", "data.val="]
+    cfg = load_config("tiny", tiny_overrides(synthetic, *overrides))
     result = train(cfg, run_dir=tmp_path / "run", progress=False)
     assert result["step"] == 2
     assert result["model"].logit_bias is not None  # siglip turns the bias on, and it is saved
@@ -97,14 +98,16 @@ def test_corrupt_samples_are_counted_and_the_run_goes_on(tmp_path, synthetic):
         shutil.copy(src, shards)
     victim = sorted(shards.iterdir())[0]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a truncated shard
-    cfg = load_config("tiny", tiny_overrides(synthetic, "train.steps=3", "train.batch_size=8", "data.val=", f"data.train={shards}/*.tar", "data.shuffle_buffer=10"))  # fmt: skip
+    overrides = ["train.steps=3", "train.batch_size=8", "data.val=", f"data.train={shards}/*.tar"]
+    cfg = load_config("tiny", tiny_overrides(synthetic, *overrides))
     result = train(cfg, run_dir=tmp_path / "run", progress=False)
     assert result["step"] == 3
 
 
 @pytest.mark.slow
 def test_short_training_learns_well_above_chance(tmp_path, synthetic):
-    cfg = load_config("tiny", tiny_overrides(synthetic, "train.steps=150", "train.batch_size=32", "train.lr=2e-3", "train.warmup_steps=10"))  # fmt: skip
+    overrides = ["train.steps=150", "train.batch_size=32", "train.lr=2e-3", "train.warmup_steps=10"]
+    cfg = load_config("tiny", tiny_overrides(synthetic, *overrides))
     result = train(cfg, run_dir=tmp_path / "run", progress=False)
     r1 = result["metrics"]["text_to_image_R@1"]
     untrained = train(
