@@ -204,6 +204,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
             elapsed = time.perf_counter() - window_start
             record = {
                 "step": step,
+                "time": time.time(),
                 "loss": loss,
                 "lr": lr,
                 "samples_per_s": window_steps * global_batch / elapsed,
