@@ -8,6 +8,7 @@ text_emb = model.encode_text(["a red circle"])              # (N, E)
 
 from mmfusion.api import ImageLoadError, MMFusion, load
 from mmfusion.config import ConfigError, RunConfig, load_config
+from mmfusion.index import SearchIndex
 from mmfusion.models import create_model, list_models
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "ImageLoadError",
     "MMFusion",
     "RunConfig",
+    "SearchIndex",
     "__version__",
     "create_model",
     "list_models",

@@ -109,7 +109,8 @@ def test_make_shards_from_folder_skips_and_lists_bad_files(tmp_path, capsys):
     from mmfusion.data import ImageTransform, ShardStream, expand_shards, make_loader
     from mmfusion.models import create_tokenizer
 
-    stream = ShardStream(expand_shards(f"{out}/*.tar"), 8, ImageTransform(64, load_config("tiny").model.preprocess), create_tokenizer(32), train=False)  # fmt: skip
+    transform = ImageTransform(64, load_config("tiny").model.preprocess)
+    stream = ShardStream(expand_shards(f"{out}/*.tar"), 8, transform, create_tokenizer(32), train=False)
     batch = next(iter(make_loader(stream, 0)))
     assert sorted(batch["caption"]) == ["a gif", "a green square", "a red square"]
     assert {json.loads(j)["path"] for j in batch["json"]} == {"a.jpg", "sub/b.png", "c.gif"}
