@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mmfusion").setLevel(logging.INFO)  # our notes, not every library's
     from mmfusion.config import ConfigError, apply_overrides, load_config
     from mmfusion.data import ShardError
     from mmfusion.train import config_from_run, train
