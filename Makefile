@@ -23,6 +23,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check mmfusion tools tests benchmarks demos
 
 bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/bench_train.py
 
 clean:

@@ -131,6 +131,7 @@ def profile_mmfusion(shards: str, args) -> None:
     from mmfusion.models import create_model, create_tokenizer
     from mmfusion.train.losses import create_contrastive_loss
     from mmfusion.train.optim import create_optimizer
+    from mmfusion.train.precision import ComputeContext
     from mmfusion.train.tasks import ContrastiveTask
 
     cfg = load_config("tiny")
@@ -140,7 +141,7 @@ def profile_mmfusion(shards: str, args) -> None:
     transform = ImageTransform(64, cfg.model.preprocess, train=True)
     stream = ShardStream(expand_shards(shards), args.batch_size, transform, tokenizer, train=True)
     batches = iter(make_loader(stream, 0))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    autocast = ComputeContext(torch.device("cpu"), args.precision)
     task = ContrastiveTask(create_contrastive_loss("clip"), torch.device("cpu"), autocast)
 
     def step():

@@ -33,6 +33,20 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    _check(value in choices, f"'{key}' must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_positive(obj: object, *names: str) -> None:
+    for name in names:
+        _check(getattr(obj, name) > 0, f"'{name}' must be > 0, got {getattr(obj, name)!r}")
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     image_size: int = 64
@@ -43,6 +57,12 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     pool: str = "token"  # "token" (CLS) or "avg" over patch tokens
 
+    def __post_init__(self):
+        _check_positive(self, "image_size", "patch_size", "width", "depth", "heads")
+        _check_choice(self.pool, ("token", "avg"), "vision.pool")
+        _check(self.image_size % self.patch_size == 0, "vision.image_size must be a multiple of vision.patch_size")
+        _check(self.width % self.heads == 0, "vision.width must be a multiple of vision.heads")
+
 
 @dataclass(frozen=True)
 class TextConfig:
@@ -52,6 +72,10 @@ class TextConfig:
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
+
+    def __post_init__(self):
+        _check_positive(self, "context_length", "vocab_size", "width", "depth", "heads")
+        _check(self.width % self.heads == 0, "text.width must be a multiple of text.heads")
 
 
 @dataclass(frozen=True)
@@ -91,6 +115,10 @@ class DataConfig:
     crop_scale_min: float = 0.8
     hflip: bool = False
 
+    def __post_init__(self):
+        _check(self.workers >= 0 and self.train_samples >= 0, "data.workers and data.train_samples must be >= 0")
+        _check(0 < self.crop_scale_min <= 1, f"data.crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -118,6 +146,14 @@ class TrainConfig:
     keep_last: int = 2
     tensorboard: bool = True
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+    def __post_init__(self):
+        _check_choice(self.loss, ("clip", "siglip"), "train.loss")
+        _check_choice(self.precision, ("bf16", "fp32"), "train.precision")
+        _check_choice(self.device.split(":")[0], ("auto", "cpu", "cuda"), "train.device")
+        _check_positive(self, "batch_size", "accum_steps", "log_every", "checkpoint_every", "keep_last")
+        _check(self.epochs > 0 or self.steps > 0, "set train.epochs or train.steps to a positive number")
+        _check(min(self.steps, self.warmup_steps, self.eval_every, self.lr) >= 0, "steps and lr must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -258,7 +294,12 @@ def load_config(name_or_path: str | Path = "tiny", overrides: list[str] | None =
         raise ConfigError(f"{path}: invalid YAML: {exn}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    data.setdefault("model", {}).setdefault("name", path.stem)
+    for section in ("model", "data", "train"):
+        if data.get(section) is None:
+            data[section] = {}
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"{path}: section '{section}' must be a mapping, got {data[section]!r}")
+    data["model"].setdefault("name", path.stem)
     try:
         cfg = from_dict(RunConfig, data)
     except ConfigError as exn:

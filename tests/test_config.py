@@ -57,3 +57,30 @@ def test_round_trip_through_dict():
     assert cfg.train.betas == (0.9, 0.95)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.lr = 1.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.loss=foo", "train.loss' must be one of clip, siglip"),
+        ("train.precision=fp16", "train.precision' must be one of bf16, fp32"),
+        ("train.batch_size=0", "batch_size' must be > 0"),
+        ("train.log_every=0", "log_every' must be > 0"),
+        ("model.vision.patch_size=7", "multiple of vision.patch_size"),
+        ("data.crop_scale_min=0", "crop_scale_min"),
+    ],
+)
+def test_values_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(load_config("tiny"), [override])
+
+
+def test_empty_or_scalar_sections(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("model:\ntrain:\n  steps: 3\n")
+    cfg = load_config(empty)
+    assert cfg.model.name == "empty" and cfg.train.steps == 3
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("model: tiny\n")
+    with pytest.raises(ConfigError, match="section 'model' must be a mapping"):
+        load_config(scalar)

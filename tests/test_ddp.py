@@ -20,7 +20,7 @@ def test_torchrun_two_ranks_end_identical(tmp_path, synthetic):
     run.mkdir()
     overrides = tiny_overrides(
         synthetic, "train.steps=4", "train.batch_size=8", "train.threads=1", "data.workers=1",
-        "train.checkpoint_every=2", "train.log_every=1",
+        "train.checkpoint_every=2", "train.log_every=1", "train.accum_steps=2",
     )  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "ddp_worker.py"), str(run), *overrides]  # fmt: skip

@@ -126,6 +126,11 @@ def test_incremental_rebuild_embeds_only_new_and_changed(tmp_path, ckpt, model, 
     lines = _build(ckpt, photos, tmp_path / "photos.idx", capsys)  # nothing changed since
     assert f"added 0, unchanged {len(PHOTOS)}, removed 0, skipped 1" in lines[0]
 
+    (tmp_path / "unmounted").mkdir()  # an empty folder must not wipe the index
+    with pytest.raises(ValueError, match="refusing to remove all"):
+        build_from_folder(model, tmp_path / "unmounted", tmp_path / "photos.idx", progress=False)
+    assert len(SearchIndex.open(tmp_path / "photos.idx", model)) == len(PHOTOS)
+
 
 def test_retrieve_errors_are_one_line(tmp_path, ckpt, capsys):
     photos = _photos(tmp_path / "photos", PHOTOS[:2])

@@ -87,6 +87,23 @@ def test_bad_input_gives_one_line_errors(tmp_path, synthetic, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
     assert train_tool.main(["--config", "nonexistent"]) == 2
     assert "available: " in capsys.readouterr().err
+    assert (
+        train_tool.main(
+            ["--run-dir", str(tmp_path / "r"), "train.device=cuda" if not torch.cuda.is_available() else "train.loss=x"]
+        )
+        == 2
+    )
+    assert "error: " in capsys.readouterr().err
+
+
+def test_a_new_run_never_mixes_into_an_old_one(tmp_path, synthetic, capsys):
+    run = tmp_path / "run"
+    args = ["--run-dir", str(run), "--no-progress", *tiny_overrides(synthetic, "train.steps=1", "data.val=")]
+    assert train_tool.main(args) == 0
+    assert train_tool.main(args) == 2
+    assert f"already holds a run; continue it with --resume {run}" in capsys.readouterr().err
+    assert train_tool.main(["--resume", str(run), "model.vision.depth=3"]) == 2
+    assert "cannot change on --resume" in capsys.readouterr().err
 
 
 def test_corrupt_samples_are_counted_and_the_run_goes_on(tmp_path, synthetic):

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from mmfusion.train.dist import init_dist, shutdown
 
     dist = init_dist(args.device)
+    from mmfusion.cli import error_line
+
     try:
         if args.images and dist.enabled:
             raise ValueError("--images runs in one process: use torchrun only with --shards")
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 model, args.shards, args.out, dist, args.mode, args.batch_size, args.workers, progress
             )
     except (OSError, ValueError) as exn:  # checkpoint, shard and index errors are all ValueErrors
-        print(f"error: {exn}", file=sys.stderr)
+        print(f"error: {error_line(exn)}", file=sys.stderr)
         return 2
     finally:
         shutdown(dist)

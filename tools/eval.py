@@ -23,13 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import mmfusion
+    from mmfusion.cli import error_line
     from mmfusion.data import ShardError
     from mmfusion.train.checkpoint import CheckpointError
 
     try:
         metrics = mmfusion.load(args.checkpoint, device=args.device).evaluate(args.shards, batch_size=args.batch_size)
     except (ShardError, CheckpointError, ValueError) as exn:
-        print(f"error: {exn}", file=sys.stderr)
+        print(f"error: {error_line(exn)}", file=sys.stderr)
         return 2
     print(json.dumps(metrics, sort_keys=True))
     return 0

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import mmfusion
+    from mmfusion.cli import error_line
     from mmfusion.index import SearchIndex
     from mmfusion.index.build import read_build_info, search
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         index = SearchIndex.open(args.index, model)
         hits = search(index, text=args.text, image=args.image, k=args.k)
     except (OSError, ValueError) as exn:  # missing index or query file, bad query, checkpoint or model mismatch
-        print(f"error: {exn}", file=sys.stderr)
+        print(f"error: {error_line(exn)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps([{"id": h.id, "score": h.score, "metadata": h.metadata} for h in hits]))

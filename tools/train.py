@@ -8,7 +8,6 @@ in a new directory under runs/. Runs unchanged under torchrun for DDP.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 EPILOG = """\
@@ -39,15 +38,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mmfusion").setLevel(logging.INFO)  # our notes, not every library's
+    from mmfusion.cli import error_line, setup_logging
     from mmfusion.config import ConfigError, apply_overrides, load_config
     from mmfusion.data import ShardError
     from mmfusion.train import config_from_run, train
     from mmfusion.train.checkpoint import CheckpointError
 
+    setup_logging(verbose=True)
     try:
         if args.resume:
+            if any(o.startswith("model.") for o in args.overrides):
+                raise ConfigError("the model of a run cannot change on --resume; start a new run instead")
             cfg = apply_overrides(config_from_run(args.resume), args.overrides)
             run_dir = args.resume
         else:
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = args.run_dir
         train(cfg, run_dir=run_dir, resume=bool(args.resume), progress=not args.no_progress)
     except (ConfigError, ShardError, CheckpointError) as exn:
-        print(f"error: {exn}", file=sys.stderr)
+        print(f"error: {error_line(exn)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; resume with --resume from the last checkpoint", file=sys.stderr)

@@ -153,6 +153,9 @@ def build_from_folder(
     root = Path(images_dir)
     files = list_images(root)
     index = _open_or_create(model, out_path, mode)
+    if not files and len(index):
+        # An empty (e.g. unmounted) folder would otherwise remove every item: refuse instead of wiping.
+        raise ValueError(f"{root}: no images found; refusing to remove all {len(index)} items of {out_path}")
     report = BuildReport(Path(out_path))
     start = time.perf_counter()
     with tqdm(total=len(files), unit="img", desc="indexing", disable=not progress, dynamic_ncols=True) as bar:

@@ -93,22 +93,40 @@ def save_checkpoint(
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():  # re-saving the same step (e.g. the final save right after a periodic one)
-            shutil.rmtree(final)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is for sharing
+        if final.exists():  # re-saving a step (resuming a finished run): move the old one aside, not delete it
+            os.replace(final, ckpt_root / f".{name}.old")
         os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_text(ckpt_root / LATEST, json.dumps({"checkpoint": name}))
+    shutil.rmtree(ckpt_root / f".{name}.old", ignore_errors=True)
     _prune(ckpt_root, keep_last, keep=name)
     return final
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _prune(ckpt_root: Path, keep_last: int, keep: str) -> None:
-    steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    steps = sorted((p for p in ckpt_root.glob("step_*") if p.is_dir()), key=lambda p: int(p.name[5:]))
     for old in steps[: max(0, len(steps) - max(1, keep_last))]:
         if old.name != keep:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def update_state(ckpt: Path, **fields: Any) -> None:
+    """Atomically merge ``fields`` into a checkpoint's ``state.json`` (e.g. metrics computed after saving)."""
+    state = read_state(ckpt)
+    state.update(fields)
+    atomic_write_text(ckpt / STATE, json.dumps(state, indent=1))
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -143,11 +161,18 @@ def load_weights(ckpt: Path, model: nn.Module) -> None:
         tensors = load_file(str(ckpt / WEIGHTS))
     except Exception as exn:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{ckpt / WEIGHTS}: cannot read weights ({exn})") from None
-    model.load_state_dict(tensors, strict=True)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exn:  # the config changed since the weights were saved
+        first = str(exn).strip().splitlines()[0]
+        raise CheckpointError(f"{ckpt / WEIGHTS}: does not fit the model config ({first})") from None
 
 
 def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
-    optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True))
+    try:
+        optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, ValueError, KeyError) as exn:
+        raise CheckpointError(f"{ckpt / OPTIMIZER}: cannot restore the optimizer ({exn})") from None
 
 
 def fingerprint(ckpt: Path) -> str:

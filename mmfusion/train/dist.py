@@ -35,7 +35,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but CUDA is not available")
+            from mmfusion.config import ConfigError
+
+            raise ConfigError("device 'cuda' was asked for but CUDA is not available")
         return torch.device("cuda", local_rank)
     return torch.device(name)
 
@@ -72,6 +74,15 @@ def all_gather_object(dist: Dist, obj: object) -> list:
     out: list = [None] * dist.world_size
     td.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(dist: Dist, obj: object) -> object:
+    """Rank 0's ``obj`` on every rank (so all ranks agree on shard lists and step counts)."""
+    if not dist.enabled:
+        return obj
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -25,9 +25,19 @@ from mmfusion.data import ImageTransform, ShardStream, StreamPosition, count_sam
 from mmfusion.eval.retrieval import evaluate
 from mmfusion.models import create_model, create_tokenizer
 from mmfusion.train import checkpoint as ckpt_io
-from mmfusion.train.dist import Dist, all_gather_object, all_reduce_sum, barrier, init_dist, shutdown, unwrap
+from mmfusion.train.dist import (
+    Dist,
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    init_dist,
+    shutdown,
+    unwrap,
+)
 from mmfusion.train.losses import create_contrastive_loss
 from mmfusion.train.optim import create_optimizer, lr_at
+from mmfusion.train.precision import ComputeContext
 from mmfusion.train.tasks import ContrastiveTask
 
 log = logging.getLogger("mmfusion.train")
@@ -74,20 +84,25 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    if not resume and (run_dir / "checkpoints").exists():
+        raise ckpt_io.CheckpointError(f"{run_dir} already holds a run; continue it with --resume {run_dir}")
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt_io.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
-    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
+    autocast = ComputeContext(dist.device, tc.precision)
 
     # ---- data --------------------------------------------------------------------------------
     image_size = cfg.model.vision.image_size
-    if dist.is_main:  # builds the synthetic dataset once, before the other ranks look for it
-        resolve_shards(cfg.data.train, cfg.data, image_size, "train")
-    barrier(dist)
-    train_urls = resolve_shards(cfg.data.train, cfg.data, image_size, "train")
-    val_urls = resolve_shards(cfg.data.val, cfg.data, image_size, "val") if cfg.data.val else []
-    train_samples = cfg.data.train_samples or count_samples(train_urls)
+    data_plan = None
+    if dist.is_main:  # rank 0 resolves (and builds the synthetic set) once; every rank then uses its answer
+        train_urls = resolve_shards(cfg.data.train, cfg.data, image_size, "train")
+        val_urls = resolve_shards(cfg.data.val, cfg.data, image_size, "val") if cfg.data.val else []
+        data_plan = (train_urls, val_urls, cfg.data.train_samples or count_samples(train_urls))
+    train_urls, val_urls, train_samples = broadcast_object(dist, data_plan)
+    readers = dist.world_size * max(1, cfg.data.workers)
+    if dist.is_main and len(train_urls) >= readers and len(train_urls) % readers:
+        log.warning("%d shards over %d readers: some read more shards than others", len(train_urls), readers)
     global_batch = tc.batch_size * tc.accum_steps * dist.world_size
     total_steps = tc.steps or max(1, math.ceil(tc.epochs * train_samples / global_batch))
     tokenizer = create_tokenizer(cfg.model.text.context_length)
@@ -103,7 +118,9 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
         state = ckpt_io.read_state(ckpt)
         ckpt_io.load_weights(ckpt, model)
         ckpt_io.load_optimizer(ckpt, optimizer)
-        step, skipped_total, last_metrics = state["step"], state.get("skipped_samples", 0), state.get("metrics", {})
+        step, last_metrics = state["step"], state.get("metrics", {})
+        skipped = state.get("skipped_samples", [0])  # per rank
+        skipped_total = skipped[dist.rank] if len(skipped) == dist.world_size else sum(skipped) * dist.is_main
         if state["world_size"] == dist.world_size and state["workers"] == cfg.data.workers:
             data_start = state["data"][dist.rank]
             ckpt_io.set_rng_state(state["rng"][dist.rank])
@@ -149,7 +166,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
             "world_size": dist.world_size,
             "workers": cfg.data.workers,
             "samples_seen": step * global_batch,
-            "skipped_samples": skipped_total,
+            "skipped_samples": all_gather_object(dist, skipped_total),  # per rank: a resume must not recount
             "metrics": last_metrics,
         }
         path = (
@@ -163,9 +180,11 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
     def run_eval(step: int) -> dict:
         metrics = {}
         if dist.is_main and val_urls:
-            metrics = evaluate(
-                unwrap(model), tokenizer, make_loader(eval_stream(cfg, val_urls, tokenizer), 0), dist.device, autocast
-            )
+            try:
+                loader = make_loader(eval_stream(cfg, val_urls, tokenizer), 0)
+                metrics = evaluate(unwrap(model), tokenizer, loader, dist.device, autocast)
+            except ValueError as exn:  # e.g. every held-out sample unreadable: report it, keep the run
+                log.warning("evaluation at step %d failed: %s", step, exn)
             _append_jsonl(metrics_path, {"step": step, "eval": metrics})
             if writer:
                 for k, v in metrics.items():
@@ -229,15 +248,22 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
 
         if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
             last_metrics = run_eval(step)
-        due = step % tc.checkpoint_every == 0 or time.monotonic() - last_save_time > 60 * tc.checkpoint_every_minutes
-        if step < total_steps and all_reduce_sum(dist, float(due)) > 0:  # every rank must join a save
+        # The time-based cadence follows rank 0's clock, checked at log steps, so ranks never disagree.
+        due = step % tc.checkpoint_every == 0
+        if step % tc.log_every == 0:
+            due = due or broadcast_object(dist, time.monotonic() - last_save_time > 60 * tc.checkpoint_every_minutes)
+        if step < total_steps and due:  # every rank must join a save
             ckpt_path = save(step)
             last_save_time = time.monotonic()
 
     # ---- wrap up -------------------------------------------------------------------------------
     bar.close()
-    last_metrics = run_eval(step) or last_metrics
-    ckpt_path = save(step)
+    ckpt_path = save(step)  # the weights first, so a failing evaluation cannot lose the last steps
+    final_metrics = run_eval(step)
+    if final_metrics:
+        last_metrics = final_metrics
+        if dist.is_main:
+            ckpt_io.update_state(ckpt_path, metrics=last_metrics)
     skipped_total = int(all_reduce_sum(dist, skipped_total))
     if writer:
         writer.close()
