@@ -57,3 +57,23 @@ def test_text_pooling_is_at_eot():
 def test_logit_bias_only_when_configured():
     assert create_model("tiny", **SHALLOW).logit_bias is None
     assert create_model("tiny", logit_bias=True, **SHALLOW).logit_bias is not None
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = create_model(
+        "tiny", vision={"depth": 2, "width": 64, "heads": 2}, text={"depth": 2, "width": 64, "heads": 2}
+    )
+    batch = {"image": torch.randn(2, 3, 64, 64), "text": create_tokenizer(32)(["a red circle", "a blue star"])}
+
+    def grads():
+        model.zero_grad()
+        out = model(batch)
+        (out["image_features"] @ out["text_features"].T).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    assert model.visual.trunk.grad_checkpointing and model.text.transformer.transformer.grad_checkpointing
+    for name, grad in grads().items():
+        torch.testing.assert_close(grad, plain[name], msg=name)
