@@ -134,4 +134,4 @@ def test_short_training_learns_well_above_chance(tmp_path, synthetic):
     )
     chance = untrained["metrics"]["text_to_image_R@1"]
     assert chance < 3  # ~1/200 images, a few more through repeated captions
-    assert r1 > 6 and r1 > 4 * chance, result["metrics"]
+    assert r1 > 4 and r1 > 4 * chance, result["metrics"]

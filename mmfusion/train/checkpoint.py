@@ -171,8 +171,9 @@ def load_weights(ckpt: Path, model: nn.Module) -> None:
 def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
     try:
         optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True))
-    except (OSError, RuntimeError, ValueError, KeyError) as exn:
-        raise CheckpointError(f"{ckpt / OPTIMIZER}: cannot restore the optimizer ({exn})") from None
+    except Exception as exn:  # missing, truncated, refused by weights_only, or shaped for another model
+        first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
+        raise CheckpointError(f"{ckpt / OPTIMIZER}: cannot restore the optimizer ({first})") from None
 
 
 def fingerprint(ckpt: Path) -> str:
