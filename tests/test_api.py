@@ -128,3 +128,8 @@ def test_make_shards_from_tables(tmp_path, capsys):
     assert tool.main(["--table", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "bad")]) == 2
     assert "needs 'path' and 'caption'" in capsys.readouterr().err
     assert tool.main(["--images", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    (tmp_path / "rows.jsonl").write_text("[1, 2]\n")
+    assert tool.main(["--table", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "r")]) == 2
+    assert "row 1 needs 'path' and 'caption'" in capsys.readouterr().err
+    assert tool.main(["--table", str(tmp_path / "table.csv"), "--out", str(tmp_path / "x.jpg")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err

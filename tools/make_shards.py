@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.images and not source_path.is_dir():
         print(f"error: {source_path}: not a folder", file=sys.stderr)
         return 2
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"error: {args.out}: exists and is not a folder", file=sys.stderr)
+        return 2
     if args.table and not source_path.is_file():
         print(f"error: {source_path}: no such file", file=sys.stderr)
         return 2

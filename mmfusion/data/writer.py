@@ -135,8 +135,10 @@ def table_items(table: str | Path) -> Iterator[tuple[Path, str | None, dict]]:
     else:
         with open(table, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
-    if rows and not {"path", "caption"} <= set(rows[0]):
-        raise ValueError(f"{table}: needs 'path' and 'caption' columns, found {', '.join(rows[0])}")
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not {"path", "caption"} <= set(row):
+            found = ", ".join(map(str, row)) if isinstance(row, (dict, list)) else repr(row)
+            raise ValueError(f"{table}: row {n} needs 'path' and 'caption' columns, found {found}")
     for row in rows:
         path = Path(str(row["path"]))
         if not path.is_absolute():
