@@ -69,8 +69,7 @@ class MMFusion:
             images = [images]
         out = []
         for i in range(0, len(images), batch_size):
-            pixels = torch.stack([self.preprocess(im) for im in images[i : i + batch_size]]).to(self.device)
-            out.append(self.model.encode_image(pixels).float().cpu())
+            out.append(self.model.encode_image(self._pixels(images[i : i + batch_size])).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
 
     @torch.no_grad()
@@ -83,6 +82,83 @@ class MMFusion:
             tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
             out.append(self.model.encode_text(tokens).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+    @property
+    def has_fusion(self) -> bool:
+        """Whether the model has the fusion head (captioning, matching, reranking)."""
+        return self.model.fusion is not None
+
+    def _pixels(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        return torch.stack([self.preprocess(im) for im in images]).to(self.device)  # (B, 3, S, S)
+
+    @torch.no_grad()
+    def match(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str], batch_size: int = 64):
+        """Probability (N,) that image i and text i match, from the fusion head's matching classifier.
+
+        One text is paired with every image (and one image with every text). Unlike ``encode_*`` similarities,
+        the score reads image and text jointly, so it is sharper but costs one fused pass per pair: use it to
+        rerank a short list (``SearchIndex.search(..., rerank=True)``), not to scan a collection.
+        """
+        images = [images] if isinstance(images, (Image.Image, str, Path, bytes)) else list(images)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if len(images) == 1 and len(texts) > 1:
+            images = images * len(texts)
+        if len(texts) == 1 and len(images) > 1:
+            texts = texts * len(images)
+        if len(images) != len(texts):
+            raise ValueError(f"got {len(images)} images and {len(texts)} texts")
+        out = []
+        for i in range(0, len(images), batch_size):
+            pixels = self._pixels(images[i : i + batch_size])
+            tokens = self.tokenizer(texts[i : i + batch_size]).to(self.device)
+            out.append(self.model.match(pixels, tokens).sigmoid().float().cpu())
+        return torch.cat(out) if out else torch.empty(0)
+
+    @torch.no_grad()
+    def caption(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        beam: int = 1,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        max_length: int | None = None,
+        min_length: int = 0,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram: int = 4,
+        length_penalty: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 32,
+    ) -> list[str]:
+        """One caption per image. Greedy by default; ``beam=3`` for beam search, ``top_p=0.9`` for nucleus sampling
+        (``seed`` makes it reproducible). Lengths count BPE tokens (at most the text context minus 1). By default
+        no 4-gram repeats within a caption; ``repetition_penalty > 1`` also discourages repeated words."""
+        images = [images] if isinstance(images, (Image.Image, str, Path, bytes)) else list(images)
+        generator = None
+        if top_p is not None:
+            generator = torch.Generator(self.device).manual_seed(seed if seed is not None else torch.seed())
+        options = dict(
+            beam=beam,
+            top_p=top_p,
+            temperature=temperature,
+            min_new_tokens=min_length,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram=no_repeat_ngram,
+            length_penalty=length_penalty,
+            generator=generator,
+        )
+        if max_length is not None:
+            options["max_new_tokens"] = max_length
+        captions = []
+        for i in range(0, len(images), batch_size):
+            ids = self.model.generate_captions(
+                self._pixels(images[i : i + batch_size]),
+                self.tokenizer.sot_token_id,
+                self.tokenizer.eot_token_id,
+                **options,
+            )
+            captions += [self.tokenizer.decode(t).strip() for t in ids]
+        return captions
 
     def evaluate(self, shards: str, batch_size: int = 128, workers: int = 1) -> dict[str, float]:
         """Held-out retrieval (and zero-shot) metrics on shards, as ``tools/eval.py`` prints them."""

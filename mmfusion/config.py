@@ -88,6 +88,25 @@ class PreprocessConfig:
 
 
 @dataclass(frozen=True)
+class FusionConfig:
+    """The fusion head (CoCa-style decoder, BLIP-style matching): off unless ``enabled``."""
+
+    enabled: bool = False
+    depth: int = 2  # multimodal layers on top of the text tower; the width is the text tower's
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    # Adaptive softmax (Grave et al., 2017) over the BPE vocabulary: a full 49k-way softmax per caption
+    # token would cost more than both towers on a CPU; frequent ids (BPE ids roughly follow frequency)
+    # get the full width, rarer ones a narrower projection.
+    vocab_cutoffs: tuple[int, ...] = (2000, 10000)
+
+    def __post_init__(self):
+        _check_positive(self, "depth", "heads")
+        cutoffs = list(self.vocab_cutoffs)
+        _check(cutoffs == sorted(set(cutoffs)) and all(c > 0 for c in cutoffs), "fusion.vocab_cutoffs must increase")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny"
     embed_dim: int = 256
@@ -97,6 +116,12 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)  # CLIP's initial temperature
     logit_bias: bool = False  # a learnable bias, for the sigmoid loss (train.loss=siglip turns it on)
     init_logit_bias: float = -10.0  # SigLIP's initial bias
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+    def __post_init__(self):
+        if self.fusion.enabled:
+            _check(self.text.width % self.fusion.heads == 0, "text.width must be a multiple of fusion.heads")
+            _check(self.fusion.vocab_cutoffs[-1] < self.text.vocab_size, "fusion.vocab_cutoffs must be < vocab_size")
 
 
 @dataclass(frozen=True)
@@ -146,6 +171,10 @@ class TrainConfig:
     keep_last: int = 2
     tensorboard: bool = True
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # Loss weights when model.fusion.enabled (CoCa weighs captioning 2:1 against contrastive).
+    contrastive_weight: float = 1.0
+    caption_weight: float = 2.0
+    match_weight: float = 1.0
 
     def __post_init__(self):
         _check_choice(self.loss, ("clip", "siglip"), "train.loss")
@@ -154,6 +183,8 @@ class TrainConfig:
         _check_positive(self, "batch_size", "accum_steps", "log_every", "checkpoint_every", "keep_last")
         _check(self.epochs > 0 or self.steps > 0, "set train.epochs or train.steps to a positive number")
         _check(min(self.steps, self.warmup_steps, self.eval_every, self.lr) >= 0, "steps and lr must be >= 0")
+        weights = (self.contrastive_weight, self.caption_weight, self.match_weight)
+        _check(min(weights) >= 0, "loss weights must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Each line is "score  id  metadata" (metadata as JSON, when the item has any); --
 examples:
   python tools/retrieve.py --index photos.idx --text "a red circle at the top"
   python tools/retrieve.py --index photos.idx --image query.jpg --k 5 --json
+  python tools/retrieve.py --index photos.idx --text "a red circle" --rerank   # needs a fusion-head model
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     query.add_argument("--text", metavar="TEXT", help="find images matching this description")
     # --audio FILE joins this group when the audio tower lands (mmfusion.index.build.search grows audio=).
     parser.add_argument("--k", type=int, default=10, help="number of hits (default 10)")
+    parser.add_argument(
+        "--rerank",
+        action="store_true",
+        help="text queries: rescore the contrastive top 10 (or top k) with the fusion head's matching score",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
     parser.add_argument("--checkpoint", help="run or checkpoint directory (default: the one that built the index)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
@@ -46,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"index {args.index} does not record the checkpoint that built it: pass --checkpoint")
         model = mmfusion.load(checkpoint, device=args.device)
         index = SearchIndex.open(args.index, model)
-        hits = search(index, text=args.text, image=args.image, k=args.k)
+        hits = search(index, text=args.text, image=args.image, k=args.k, rerank=args.rerank)
     except (OSError, ValueError) as exn:  # missing index or query file, bad query, checkpoint or model mismatch
         print(f"error: {error_line(exn)}", file=sys.stderr)
         return 2

@@ -92,6 +92,7 @@ class Sample:
     image: torch.Tensor
     text: str
     json: str
+    url: str  # the shard it came from: lets an index re-read the image (e.g. to rerank)
 
 
 class SampleDecoder:
@@ -114,7 +115,7 @@ class SampleDecoder:
         except Exception as exn:  # any decoding failure is a bad sample, counted by the caller
             log.debug("skipping sample %s from %s: %s", key, raw.get("__url__"), exn)
             return None
-        return Sample(key=key, image=image, text=text, json=meta)
+        return Sample(key=key, image=image, text=text, json=meta, url=str(raw.get("__url__", "")))
 
 
 class _ErrorCounter:
@@ -236,6 +237,7 @@ class ShardStream(IterableDataset):
             "text": self.tokenizer(captions),  # (B, L)
             "caption": captions,
             "key": [s.key for s in samples],
+            "url": [s.url for s in samples],
             "json": [s.json for s in samples],
             "worker": worker,
             "epoch": epoch,

@@ -16,12 +16,23 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
+from mmfusion.eval.fusion import fusion_metrics
+
 ZERO_SHOT_TEMPLATES = ("a {}.", "a photo of a {}.", "a picture of a {}.")
 
 
 @torch.no_grad()
-def embed_batches(model: nn.Module, batches, device: torch.device, autocast: AbstractContextManager | None = None):
-    """Embed every batch of an eval stream; returns image (N, E), text (N, E) and the samples' metadata."""
+def embed_batches(
+    model: nn.Module,
+    batches,
+    device: torch.device,
+    autocast: AbstractContextManager | None = None,
+    pixels: list | None = None,
+):
+    """Embed every batch of an eval stream; returns image (N, E), text (N, E) and the samples' metadata.
+
+    When ``pixels`` is a list, the preprocessed image batches are appended to it (for the fusion head's metrics).
+    """
     images, texts, captions, metas = [], [], [], []
     model.eval()
     for batch in batches:
@@ -30,6 +41,8 @@ def embed_batches(model: nn.Module, batches, device: torch.device, autocast: Abs
         with autocast or nullcontext():
             out = model({"image": batch["image"].to(device), "text": batch["text"].to(device)})
         images.append(out["image_features"].float().cpu())
+        if pixels is not None:
+            pixels.append(batch["image"])
         texts.append(out["text_features"].float().cpu())
         captions += batch["caption"]
         metas += [json.loads(m) if m else {} for m in batch["json"]]
@@ -105,7 +118,14 @@ def evaluate_embeddings(
 
 
 def evaluate(model: nn.Module, tokenizer, batches, device: torch.device, autocast=None) -> dict[str, float]:
-    """Embed an eval stream and compute every held-out metric."""
-    image_emb, text_emb, captions, metas = embed_batches(model, batches, device, autocast)
+    """Embed an eval stream and compute every held-out metric (and the fusion head's, when the model has one)."""
+    fusion = getattr(model, "fusion", None) is not None
+    pixels: list | None = [] if fusion else None
+    image_emb, text_emb, captions, metas = embed_batches(model, batches, device, autocast, pixels)
     with autocast or nullcontext():
-        return evaluate_embeddings(model, tokenizer, image_emb, text_emb, captions, metas, device)
+        metrics = evaluate_embeddings(model, tokenizer, image_emb, text_emb, captions, metas, device)
+    if fusion:
+        metrics.update(
+            fusion_metrics(model, tokenizer, torch.cat(pixels), image_emb, text_emb, captions, metas, device, autocast)
+        )
+    return metrics

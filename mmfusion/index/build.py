@@ -193,12 +193,12 @@ def _sample_metadata(raw_json: str, caption: str) -> dict[str, Any]:
 
 
 def _embed_shards(model: Any, urls: list[str], batch_size: int, workers: int, progress: bool) -> tuple:
-    """(ids, (N, E) float32 vectors, metadata, bad-sample count) of the given shards."""
+    """(ids, (N, E) float32 vectors, metadata, bad-sample count, sources) of the given shards."""
     import torch
 
     from mmfusion.data import ShardStream, make_loader
 
-    ids, vecs, metas, bad = [], [], [], 0
+    ids, vecs, metas, bad, sources = [], [], [], 0, []
     if urls:
         stream = ShardStream(urls, batch_size, model.transform, model.tokenizer, train=False)
         with torch.no_grad(), tqdm(unit="img", desc="embedding", disable=not progress, dynamic_ncols=True) as bar:
@@ -210,16 +210,21 @@ def _embed_shards(model: Any, urls: list[str], batch_size: int, workers: int, pr
                 vecs.append(emb.float().cpu().numpy())
                 ids += batch["key"]
                 metas += [_sample_metadata(j, c) for j, c in zip(batch["json"], batch["caption"], strict=True)]
+                # Where to re-read the image from, e.g. to rerank: the shard and the sample's key.
+                sources += [
+                    {"kind": "shard", "url": u, "key": k} for u, k in zip(batch["url"], batch["key"], strict=True)
+                ]
                 bar.update(len(batch["key"]))
     dim = int(model.embed_dim)
-    return ids, np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32), metas, bad
+    return ids, np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32), metas, bad, sources
 
 
-def _merge(parts: list[tuple], pattern: str) -> tuple[list[str], np.ndarray, list[dict], list[tuple[str, str]]]:
-    """All ranks' (ids, vectors, metadata) as one set fit for the index, and what was left out and why."""
+def _merge(parts: list[tuple], pattern: str) -> tuple[list[str], np.ndarray, list[dict], list[dict], list[tuple]]:
+    """All ranks' (ids, vectors, metadata, sources) as one set fit for the index, and what was left out and why."""
     ids = [i for p in parts for i in p[0]]
     vectors = np.concatenate([p[1] for p in parts])  # (N, E)
     metas = [m for p in parts for m in p[2]]
+    sources = [s for p in parts for s in p[4]]
     skipped = []
     if bad := sum(p[3] for p in parts):
         skipped.append((pattern, f"{bad} unreadable or incomplete samples"))
@@ -227,7 +232,7 @@ def _merge(parts: list[tuple], pattern: str) -> tuple[list[str], np.ndarray, lis
     skipped += [(id_, "duplicate key: the later sample is kept") for row, id_ in enumerate(ids) if last[id_] != row]
     rows = [r for r in sorted(last.values()) if np.isfinite(vectors[r]).all()]
     skipped += [(ids[r], "embedding is not finite") for r in sorted(set(last.values()) - set(rows))]
-    return [ids[r] for r in rows], vectors[rows], [metas[r] for r in rows], skipped
+    return [ids[r] for r in rows], vectors[rows], [metas[r] for r in rows], [sources[r] for r in rows], skipped
 
 
 def build_from_shards(
@@ -260,13 +265,13 @@ def build_from_shards(
         report.added, report.seconds = local[0], time.perf_counter() - start
         barrier(dist)
         return report
-    ids, vectors, metas, report.skipped = _merge(parts, pattern)
+    ids, vectors, metas, sources, report.skipped = _merge(parts, pattern)
     report.seconds = time.perf_counter() - start
     index = _open_or_create(model, out_path, mode)
     report.added = ids
     report.removed = sorted(set(index.ids()) - set(ids))
     index.remove(report.removed)
-    index.add_embeddings(ids, vectors, metas)
+    index.add_embeddings(ids, vectors, metas, sources=sources)
     _save(index, model, {"shards": pattern})
     barrier(dist)
     return report
@@ -274,10 +279,16 @@ def build_from_shards(
 
 # ---- querying ----------------------------------------------------------------------------------------------------
 def search(
-    index: SearchIndex, *, text: str | None = None, image: str | os.PathLike | None = None, k: int = 10
+    index: SearchIndex,
+    *,
+    text: str | None = None,
+    image: str | os.PathLike | None = None,
+    k: int = 10,
+    rerank: bool = False,
 ) -> list[Hit]:
     """Top-``k`` hits for one text or one image file (exactly one), best first. A bad query raises ``ValueError`` or
-    ``FileNotFoundError`` with a message naming it; so does an empty index."""
+    ``FileNotFoundError`` with a message naming it; so does an empty index. ``rerank`` (text only): see
+    :meth:`SearchIndex.search`."""
     # Audio queries (a later issue) become a third keyword here, embedded with the model's audio tower.
     if (text is None) == (image is None):
         raise ValueError("give exactly one query: text or image")
@@ -286,8 +297,12 @@ def search(
     if text is not None:
         if not text.strip():
             raise ValueError("the query text is empty")
+        if rerank:
+            return index.search(text, k, rerank=True)
         # Embedded here rather than passed as a string: the index reads a string naming an image file as that image.
         return index.search(to_numpy(index.model.encode_text([text]))[0], k)
+    if rerank:
+        raise ValueError("--rerank needs a text query: the matching head scores image-caption pairs")
     path = Path(image)
     if not path.is_file():
         raise FileNotFoundError(f"query image {path}: no such file")

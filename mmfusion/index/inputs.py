@@ -4,7 +4,9 @@ checks, and batch encoding that isolates the one bad input instead of failing th
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -119,3 +121,20 @@ def image_source(path: str | os.PathLike) -> dict[str, Any]:
     """The record an incremental build compares: a changed mtime or size means re-embed. Raises OSError."""
     st = os.stat(path)
     return {"kind": "image", "path": str(Path(path).resolve()), "mtime_ns": st.st_mtime_ns, "size": st.st_size}
+
+
+def load_source_image(source: Mapping[str, Any] | None) -> Image.Image:
+    """Re-read the image an entry was embedded from: a file (``{"kind": "image", "path"}``) or a sample in a
+    local webdataset shard (``{"kind": "shard", "url", "key"}``). Raises ``ValueError``/``OSError`` when it
+    cannot be read, e.g. an entry added from raw embeddings or a remote shard."""
+    kind = (source or {}).get("kind")
+    if kind == "image":
+        return load_image(source["path"])
+    if kind == "shard" and os.path.isfile(source.get("url", "")):
+        with tarfile.open(source["url"]) as tar:  # headers only: uncompressed members are skipped by seeking
+            for member in tar:
+                stem, _, ext = member.name.rpartition(".")
+                if stem == source["key"] and "." + ext.lower() in IMAGE_SUFFIXES:
+                    return load_image(io.BytesIO(tar.extractfile(member).read()))
+        raise ValueError(f"sample {source['key']} has no image in {source['url']}")
+    raise ValueError(f"no readable image source for this entry ({kind or 'none'})")

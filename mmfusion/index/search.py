@@ -28,12 +28,14 @@ from .inputs import (
     image_source,
     is_image_path,
     load_image,
+    load_source_image,
     metadata_list,
     to_numpy,
 )
 from .store import AUTO_COMPACT_RATIO, Hit, HNSWParams, Record, VectorStore, as_matrix, clean_metadata
 
 log = logging.getLogger(__name__)
+RERANK_CANDIDATES = 10  # contrastive top-n that reranking rescores, when more than k
 
 
 class SearchIndex:
@@ -244,11 +246,24 @@ class SearchIndex:
 
     # ---- searching ---------------------------------------------------------------------------------------------
     def search(
-        self, query: Any, k: int = 10, *, where: Callable[[Mapping[str, Any]], bool] | None = None
+        self,
+        query: Any,
+        k: int = 10,
+        *,
+        where: Callable[[Mapping[str, Any]], bool] | None = None,
+        rerank: bool = False,
+        rerank_candidates: int = RERANK_CANDIDATES,
     ) -> list[Hit] | list[list[Hit]]:
         """Top-``k`` hits, best first. ``query`` is a text, a PIL image, an image path (a ``Path``, or a ``str``
         naming an existing file with an image suffix; other strings are text), a 1-D embedding (-> list of hits),
-        or a batch: a 2-D embedding or a list of any of those (-> list of lists). ``where`` filters on metadata."""
+        or a batch: a 2-D embedding or a list of any of those (-> list of lists). ``where`` filters on metadata.
+
+        ``rerank=True`` (text queries only) takes the contrastive top ``max(k, rerank_candidates)``, re-reads their
+        images and orders them by the model's image-text matching head (``model.match``); hit scores are then
+        match probabilities. Candidates whose image cannot be re-read (entries added as raw embeddings, remote
+        shards) follow the reranked ones with score 0.0, and a warning says how many."""
+        if rerank:
+            return self._reranked(query, k, where, rerank_candidates)
         if isinstance(query, (list, tuple)):
             if not query:
                 return []
@@ -276,6 +291,32 @@ class SearchIndex:
             loaded = [load_image(q) for _, q in images]  # a query that cannot be read is the caller's error
             out[[i for i, _ in images]] = embed(self._need_model().encode_image, loaded, self.embed_dim)
         return out
+
+    def _reranked(self, query: Any, k: int, where: Callable | None, candidates: int) -> list[Hit] | list[list[Hit]]:
+        if isinstance(query, (list, tuple)):
+            return [self._reranked(q, k, where, candidates) for q in query]
+        if not isinstance(query, str) or is_image_path(query):
+            raise ValueError("rerank=True needs a text query: the matching head scores image-caption pairs")
+        model = self._need_model()
+        if not hasattr(model, "match"):
+            raise ValueError("rerank=True needs a model with a matching head (train with model.fusion.enabled=true)")
+        hits = self._store.search(self._embed_queries([query]), max(k, candidates), where)[0]
+        images, readable, unreadable = [], [], []
+        for hit in hits:
+            try:
+                images.append(load_source_image(self._store.source(hit.id)))
+                readable.append(hit)
+            except Exception as e:  # a moved file or a raw-embedding entry must not fail the search
+                log.debug("cannot rerank %s: %s", hit.id, e)
+                unreadable.append(hit)
+        if unreadable:
+            log.warning(
+                "reranking skipped %d of %d candidates whose image cannot be re-read", len(unreadable), len(hits)
+            )
+        scores = to_numpy(model.match(images, [query] * len(images))).reshape(-1) if images else []
+        order = sorted(range(len(readable)), key=lambda i: -float(scores[i]))
+        reranked = [Hit(readable[i].id, float(scores[i]), readable[i].metadata) for i in order]
+        return (reranked + [Hit(h.id, 0.0, h.metadata) for h in unreadable])[:k]
 
     # ---- everything else ---------------------------------------------------------------------------------------
     def remove(self, ids: str | Iterable[str]) -> int:

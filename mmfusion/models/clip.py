@@ -1,4 +1,5 @@
-"""The dual-encoder CLIP model (Radford et al., 2021) with SigLIP's optional bias (Zhai et al., 2023)."""
+"""The dual-encoder CLIP model (Radford et al., 2021) with SigLIP's optional bias (Zhai et al., 2023)
+and, when ``model.fusion.enabled``, the captioning/matching fusion head (:mod:`mmfusion.models.fusion`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfusion.config import ModelConfig
+from mmfusion.models.decoding import decode
+from mmfusion.models.fusion import PAD, FusionHead
 from mmfusion.models.text import TextTower
 from mmfusion.models.vision import VisionTower
 
@@ -16,7 +19,9 @@ class CLIPModel(nn.Module):
 
     ``model(batch)`` always returns a dict: normalised ``image_features``/``text_features`` (B, E),
     ``image_tokens`` (B, 1 + N, W), ``text_tokens`` (B, L, W), ``logit_scale`` (exp'd temperature)
-    and, when the config has one, ``logit_bias``.
+    and, when the config has one, ``logit_bias``. ``model(batch, fusion=True)`` adds the fusion head's
+    ``caption_loss``, ``match_loss`` and ``match_acc``; they are computed inside ``forward`` so that
+    DistributedDataParallel sees every parameter used in its forward pass.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -27,10 +32,13 @@ class CLIPModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         # Created only for the sigmoid loss: an unused parameter would break DDP's gradient sync.
         self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.logit_bias else None
+        self.fusion = FusionHead(cfg.fusion, cfg.text, cfg.vision.width) if cfg.fusion.enabled else None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
         self.text.set_grad_checkpointing(enable)
+        if self.fusion is not None:
+            self.fusion.set_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay besides norms and biases."""
@@ -47,7 +55,7 @@ class CLIPModel(nn.Module):
         features, _ = self.text(tokens)  # (B, E)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, batch: dict) -> dict:
+    def forward(self, batch: dict, fusion: bool = False) -> dict:
         out = {"logit_scale": self.logit_scale.exp()}
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
@@ -59,4 +67,48 @@ class CLIPModel(nn.Module):
             text_features, text_tokens = self.text(batch["text"])  # (B, E), (B, L, W)
             out["text_features"] = F.normalize(text_features, dim=-1)
             out["text_tokens"] = text_tokens
+        if fusion:
+            if self.fusion is None:
+                raise ValueError("this model has no fusion head (model.fusion.enabled=false)")
+            with torch.no_grad():
+                similarity = out["logit_scale"] * out["image_features"] @ out["text_features"].T  # (B, B)
+            out.update(self.fusion.losses(out["image_tokens"], out["text_tokens"], batch["text"], similarity))
         return out
+
+    def _require_fusion(self) -> FusionHead:
+        if self.fusion is None:
+            raise ValueError("this model has no fusion head: train it with model.fusion.enabled=true")
+        return self.fusion
+
+    def match(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Matching logits (B,) of image i with caption i; ``sigmoid`` gives the probability that they match."""
+        head = self._require_fusion()
+        _, image_tokens = self.visual(images)
+        _, text_states = self.text(tokens)
+        length = int((tokens != PAD).sum(dim=1).max())
+        hidden = head.fuse(head.memory(image_tokens), text_states[:, :length])
+        return head.match_logits(hidden, tokens)
+
+    def generate_captions(self, images: torch.Tensor, start_token: int, end_token: int, **options) -> list[list[int]]:
+        """Caption token ids (without start/end tokens) per image; ``options`` go to :func:`decoding.decode`."""
+        head = self._require_fusion()
+        _, image_tokens = self.visual(images)
+        memory = head.memory(image_tokens)  # (B, M, W)
+        context = self.cfg.text.context_length
+
+        def step(prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            # The text tower's causal mask spans the full context: pad the prefix, read the states before the pad.
+            length = prefix.shape[1]
+            prefix, rows = prefix.to(memory.device), rows.to(memory.device)
+            padded = F.pad(prefix, (0, context - length), value=PAD)  # (N, context)
+            _, states = self.text(padded)
+            hidden = head.fuse(memory[rows], states[:, :length])  # (N, length, W)
+            return head.next_token_log_probs(hidden[:, -1])  # (N, V)
+
+        options.setdefault("max_new_tokens", context - 1)
+        if options["max_new_tokens"] > context - 1:
+            raise ValueError(f"max_new_tokens must be <= {context - 1} (the text context minus the start token)")
+        banned = {PAD, start_token, *options.pop("banned_tokens", ())}
+        return decode(
+            step, images.shape[0], start_token=start_token, end_token=end_token, banned_tokens=sorted(banned), **options
+        )

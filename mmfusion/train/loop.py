@@ -38,7 +38,7 @@ from mmfusion.train.dist import (
 from mmfusion.train.losses import create_contrastive_loss
 from mmfusion.train.optim import create_optimizer, lr_at
 from mmfusion.train.precision import ComputeContext
-from mmfusion.train.tasks import ContrastiveTask
+from mmfusion.train.tasks import ContrastiveTask, FusionWeights
 
 log = logging.getLogger("mmfusion.train")
 DATA_WAIT_WARNING = 0.3  # warn when more than this share of step time is spent waiting for data
@@ -135,7 +135,12 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
     )
     if tc.compile:
         train_model = torch.compile(train_model)
-    task = ContrastiveTask(create_contrastive_loss(tc.loss, dist.rank, dist.world_size), dist.device, autocast)
+    fusion_weights = (
+        FusionWeights(tc.contrastive_weight, tc.caption_weight, tc.match_weight) if cfg.model.fusion.enabled else None
+    )
+    task = ContrastiveTask(
+        create_contrastive_loss(tc.loss, dist.rank, dist.world_size), dist.device, autocast, fusion_weights
+    )
 
     transform = ImageTransform(
         image_size, cfg.model.preprocess, train=True, crop_scale_min=cfg.data.crop_scale_min, hflip=cfg.data.hflip

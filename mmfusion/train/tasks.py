@@ -7,11 +7,15 @@ against the cached features of all the others. The towers' gradients sum to exac
 the full-batch loss, at the cost of one extra forward pass. The temperature (and bias) would collect
 the full loss's gradient once per micro-batch, so only the last micro-batch lets it through (the last,
 because under DDP that backward is the synchronised one and must reach every parameter).
+
+With a fusion head, the captioning and matching losses are per-pair (matching negatives are mined
+within each micro-batch), so each micro-batch adds its own share of them, divided by their number.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,23 +30,54 @@ def _inputs(batch: dict, device: torch.device) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class FusionWeights:
+    """Loss weights of the joint objective; ``None`` in place of this means contrastive only."""
+
+    contrastive: float = 1.0
+    caption: float = 2.0
+    match: float = 1.0
+
+
 class ContrastiveTask:
     name = "contrastive"
 
-    def __init__(self, loss_fn: nn.Module, device: torch.device, autocast: AbstractContextManager | None = None):
+    def __init__(
+        self,
+        loss_fn: nn.Module,
+        device: torch.device,
+        autocast: AbstractContextManager | None = None,
+        fusion: FusionWeights | None = None,
+    ):
         self.loss_fn = loss_fn
         self.device = device
         self.autocast = autocast or nullcontext()
+        self.fusion = fusion
+
+    def _fusion_terms(self, out: dict, share: float, totals: dict[str, float]) -> torch.Tensor:
+        """This micro-batch's weighted captioning + matching loss; accumulates the logged values."""
+        for key in ("caption_loss", "match_loss", "match_acc"):
+            totals[key] = totals.get(key, 0.0) + share * out[key].item()
+        return share * (self.fusion.caption * out["caption_loss"] + self.fusion.match * out["match_loss"])
 
     def step(self, model: nn.Module, micro_batches: list[dict]) -> tuple[float, dict[str, float]]:
-        """Forward + backward over one optimizer step's micro-batches; gradients are left in ``model``."""
+        """Forward + backward over one optimizer step's micro-batches; gradients are left in ``model``.
+
+        Returns the total (weighted) loss and the parts worth logging separately.
+        """
         inputs = [_inputs(b, self.device) for b in micro_batches]
+        fused = self.fusion is not None
+        w_contrastive = self.fusion.contrastive if fused else 1.0
+        metrics: dict[str, float] = {}
         if len(inputs) == 1:
             with self.autocast:
-                out = model(inputs[0])
-            loss = contrastive_loss(self.loss_fn, out)
+                out = model(inputs[0], fusion=fused)
+            contrastive = contrastive_loss(self.loss_fn, out)
+            loss = w_contrastive * contrastive + (self._fusion_terms(out, 1.0, metrics) if fused else 0.0)
             loss.backward()
-            return loss.item(), {"logit_scale": out["logit_scale"].item()}
+            if fused:
+                metrics["contrastive_loss"] = contrastive.item()
+            return loss.item(), {"logit_scale": out["logit_scale"].item(), **metrics}
 
         with torch.no_grad(), self.autocast:
             cached = [model(x) for x in inputs]
@@ -52,7 +87,7 @@ class ContrastiveTask:
             # DDP: synchronise gradients only on the last micro-batch.
             sync = j == len(inputs) - 1
             with model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext(), self.autocast:
-                out = model(x)
+                out = model(x, fusion=fused)
             full = {
                 "image_features": torch.cat(images[:j] + [out["image_features"]] + images[j + 1 :]),  # (B_eff, E)
                 "text_features": torch.cat(texts[:j] + [out["text_features"]] + texts[j + 1 :]),  # (B_eff, E)
@@ -60,6 +95,13 @@ class ContrastiveTask:
             }
             if "logit_bias" in out:
                 full["logit_bias"] = out["logit_bias"] if sync else out["logit_bias"].detach()
-            loss = contrastive_loss(self.loss_fn, full)
+            contrastive = contrastive_loss(self.loss_fn, full)  # the same value on every micro-batch
+            loss = w_contrastive * contrastive
+            if fused:
+                loss = loss + self._fusion_terms(out, 1.0 / len(inputs), metrics)
             loss.backward()
-        return loss.item(), {"logit_scale": out["logit_scale"].item()}
+        total = w_contrastive * contrastive.item()
+        if fused:
+            metrics["contrastive_loss"] = contrastive.item()
+            total += self.fusion.caption * metrics["caption_loss"] + self.fusion.match * metrics["match_loss"]
+        return total, {"logit_scale": out["logit_scale"].item(), **metrics}

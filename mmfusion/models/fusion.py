@@ -1,0 +1,142 @@
+"""The fusion head: one multimodal decoder for captioning (CoCa) and image-text matching (BLIP).
+
+Following CoCa (Yu et al., 2022, "Contrastive Captioners are Image-Text Foundation Models"), the text
+tower's causal token states feed a few more causal layers that also cross-attend to the image tokens
+(open_clip's ``MultimodalTransformer``). Its hidden state at position t predicts token t + 1, so one
+pass over a caption gives the captioning loss; the state at the end token has seen the whole caption
+and the image, so a binary head on it scores whether they match, as BLIP's image-text matching head
+does (Li et al., 2022), trained on hard negatives drawn from the contrastive similarities.
+
+Why reuse the text tower instead of a separate decoder: the contrastive forward pass already computes
+the causal states, so captioning costs only the extra multimodal layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import MultimodalTransformer
+from torch import nn
+
+from mmfusion.config import FusionConfig, TextConfig
+
+PAD = 0  # open_clip's tokenizer pads with id 0
+
+
+def _vocab_to_class(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    # The adaptive softmax wants frequent classes first; BPE ids roughly follow frequency except the
+    # start/end tokens, which are the last two ids. Rotating by two puts them at classes 0 and 1.
+    return (ids + 2) % vocab_size
+
+
+def sample_hard_negatives(similarity: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """For each row, a column drawn with probability softmax(similarity) among its non-positive columns.
+
+    ``positive`` (R, C) bool marks pairs that must not be drawn (same caption). A row without any
+    negative draws any other column; callers label pairs by ``positive`` so such a draw stays correct.
+    """
+    weights = similarity.float().softmax(dim=1).masked_fill(positive, 0.0)  # (R, C)
+    empty = weights.sum(dim=1) <= 0
+    if empty.any():
+        others = ~torch.eye(*similarity.shape, dtype=torch.bool, device=similarity.device)
+        weights[empty] = others[empty].float()
+    return torch.multinomial(weights, 1).squeeze(1)  # (R,)
+
+
+class FusionHead(nn.Module):
+    """Causal multimodal layers over text states with cross-attention to image tokens, plus two heads."""
+
+    def __init__(self, cfg: FusionConfig, text_cfg: TextConfig, vision_width: int):
+        super().__init__()
+        width = text_cfg.width
+        self.vocab_size = text_cfg.vocab_size
+        self.image_proj = nn.Linear(vision_width, width)
+        self.decoder = MultimodalTransformer(
+            width=width,
+            layers=cfg.depth,
+            heads=cfg.heads,
+            context_length=text_cfg.context_length,
+            mlp_ratio=cfg.mlp_ratio,
+            output_dim=width,
+        )
+        self.decoder.text_projection = None  # the heads below read the normalised hidden states
+        self.lm_head = nn.AdaptiveLogSoftmaxWithLoss(width, text_cfg.vocab_size, list(cfg.vocab_cutoffs), div_value=2.0)
+        self.match_head = nn.Linear(width, 1)
+        self._init_weights(width, cfg.depth)
+
+    def _init_weights(self, width: int, depth: int) -> None:
+        # CLIP's text-transformer scheme: residual projections shrink with depth.
+        attn_std, proj_std, fc_std = width**-0.5, width**-0.5 * (2 * depth) ** -0.5, (2 * width) ** -0.5
+        for block in [*self.decoder.resblocks, *self.decoder.cross_attn]:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.decoder.set_grad_checkpointing(enable)
+
+    def memory(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + N, W_vision) image tokens -> (B, 1 + N, W) cross-attention memory."""
+        return self.image_proj(image_tokens)
+
+    def fuse(self, memory: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
+        """(B, M, W) memory and (B, L, W) causal text states -> (B, L, W) fused, normalised states."""
+        return self.decoder(memory, text_states)
+
+    def caption_loss(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean next-token negative log-likelihood; padding targets are left out."""
+        targets = tokens[:, 1 : hidden.shape[1] + 1]  # (B, L - 1)
+        keep = targets != PAD
+        states = hidden[:, : targets.shape[1]][keep]  # (T, W)
+        # Outside autocast: the adaptive softmax mixes dtypes in place, and fp32 log-probs are needed anyway.
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.lm_head(states.float(), _vocab_to_class(targets[keep], self.vocab_size)).loss
+
+    def next_token_log_probs(self, hidden_last: torch.Tensor) -> torch.Tensor:
+        """(N, W) states at the last prefix position -> (N, V) log-probabilities indexed by token id."""
+        with torch.autocast(hidden_last.device.type, enabled=False):
+            log_probs = self.lm_head.log_prob(hidden_last.float())  # (N, V), class order
+        return log_probs.roll(-2, dims=1)  # undo _vocab_to_class: column id reads class (id + 2) % V
+
+    def match_logits(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Matching logit (B,) from the state at each caption's end token (the largest id, as in CLIP)."""
+        end = tokens[:, : hidden.shape[1]].argmax(dim=1)  # (B,)
+        return self.match_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), end]).squeeze(1).float()
+
+    def losses(
+        self,
+        image_tokens: torch.Tensor,
+        text_states: torch.Tensor,
+        tokens: torch.Tensor,
+        similarity: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Captioning and matching losses for a batch of matching (image, caption) pairs.
+
+        ``similarity`` (B, B) is the detached image-text similarity of the contrastive embeddings, used
+        to mine one hard negative per pair: the first half of the batch pairs its image with a hard
+        negative caption, the second half its caption with a hard negative image. That keeps matching
+        balanced (1 positive : 1 negative) at one extra decoder pass.
+        """
+        batch = tokens.shape[0]
+        length = int((tokens != PAD).sum(dim=1).max())  # decoder positions past the longest caption are padding
+        tokens, text_states = tokens[:, :length], text_states[:, :length]
+        memory = self.memory(image_tokens)  # (B, M, W)
+        hidden = self.fuse(memory, text_states)  # (B, L, W)
+        out = {"caption_loss": self.caption_loss(hidden, tokens)}
+
+        same_caption = (tokens[:, None, :] == tokens[None, :, :]).all(dim=2)  # (B, B)
+        logits, labels = [self.match_logits(hidden, tokens)], [torch.ones(batch, device=tokens.device)]
+        if batch > 1:
+            half = batch // 2
+            arange = torch.arange(batch, device=tokens.device)
+            negative_text = sample_hard_negatives(similarity[:half], same_caption[:half])  # (half,)
+            negative_image = sample_hard_negatives(similarity.T[half:], same_caption[half:])  # (B - half,)
+            image_rows = torch.cat([arange[:half], negative_image])
+            text_rows = torch.cat([negative_text, arange[half:]])
+            logits.append(self.match_logits(self.fuse(memory[image_rows], text_states[text_rows]), tokens[text_rows]))
+            labels.append(same_caption[image_rows, text_rows].float())
+        logits, labels = torch.cat(logits), torch.cat(labels)
+        out["match_loss"] = F.binary_cross_entropy_with_logits(logits, labels)
+        out["match_acc"] = ((logits > 0) == labels.bool()).float().mean().detach()
+        return out

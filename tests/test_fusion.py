@@ -1,0 +1,194 @@
+"""The fusion head: captioning loss, hard negatives, joint training, captioning/matching API and reranking."""
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+import mmfusion
+from mmfusion import SearchIndex, create_model
+from mmfusion.api import ImageLoadError
+from mmfusion.config import load_config
+from mmfusion.data.synthetic import make_sample
+from mmfusion.models import create_tokenizer
+from mmfusion.models.fusion import PAD, sample_hard_negatives
+from mmfusion.train import train
+from tests.conftest import TINY, tiny_overrides
+from tests.helpers import load_tool
+
+FUSION = ["model.fusion.enabled=true", "model.fusion.depth=1", "model.fusion.heads=2"]
+caption_tool = load_tool("caption")
+
+
+def _tiny_fusion_model():
+    torch.manual_seed(0)
+    cfg = load_config("tiny", [*TINY, *FUSION]).model
+    return create_model(cfg).eval()
+
+
+def test_caption_loss_is_the_mean_over_real_tokens_only():
+    model = _tiny_fusion_model()
+    tokens = create_tokenizer(32)(["a red circle", "there is a small blue star at the top left"])  # (2, 32)
+    _, image_tokens = model.visual(torch.randn(2, 3, 64, 64))
+    _, states = model.text(tokens)
+    head = model.fusion
+    hidden = head.fuse(head.memory(image_tokens), states)  # (2, 32, W): padding positions included
+    loss = head.caption_loss(hidden, tokens)
+
+    # By hand: position t predicts token t + 1, for targets up to and including the end token.
+    nll = []
+    for row in range(2):
+        n = int((tokens[row] != PAD).sum())
+        log_probs = head.next_token_log_probs(hidden[row, : n - 1])  # (n - 1, V)
+        nll += (-log_probs.gather(1, tokens[row, 1:n, None]).squeeze(1)).tolist()
+    assert loss.item() == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+    assert len(nll) == int((tokens != PAD).sum()) - 2  # every real token but the two start tokens
+    # Trimming the padded tail (what training does) changes nothing.
+    length = int((tokens != PAD).sum(1).max())
+    trimmed = head.fuse(head.memory(image_tokens), states[:, :length])
+    assert head.caption_loss(trimmed, tokens[:, :length]).item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_hard_negatives_skip_positives_and_prefer_similar_items():
+    torch.manual_seed(0)
+    similarity = torch.tensor([[9.0, 8.0, 0.0, -5.0], [8.0, 9.0, 7.0, 0.0], [0.0, 0.0, 9.0, 5.0], [1, 2, 3, 9.0]])
+    positive = torch.eye(4, dtype=torch.bool)
+    positive[0, 1] = positive[1, 0] = True  # items 0 and 1 share a caption: never each other's negative
+    draws = torch.stack([sample_hard_negatives(similarity, positive) for _ in range(300)])  # (300, 4)
+    assert not positive[torch.arange(4), draws].any()
+    assert (draws[:, 0] == 2).float().mean() > 0.9  # the most similar non-positive dominates
+    # No negative at all (every caption identical): any other column, never the item itself.
+    draws = sample_hard_negatives(similarity, torch.ones(4, 4, dtype=torch.bool))
+    assert (draws != torch.arange(4)).all()
+
+
+def test_forward_without_fusion_head_is_a_clear_error():
+    model = create_model(load_config("tiny", TINY).model)
+    batch = {"image": torch.randn(2, 3, 64, 64), "text": create_tokenizer(32)(["a", "b"])}
+    with pytest.raises(ValueError, match="fusion"):
+        model(batch, fusion=True)
+
+
+def test_joint_task_lowers_all_three_losses_on_a_fixed_batch():
+    """The joint objective (with gradient-cache accumulation) can fit a small batch: every loss falls."""
+    import io
+
+    from mmfusion.data import ImageTransform, load_image
+    from mmfusion.train.losses import create_contrastive_loss
+    from mmfusion.train.optim import create_optimizer
+    from mmfusion.train.tasks import ContrastiveTask, FusionWeights
+
+    cfg = load_config("tiny", [*TINY, *FUSION, "train.lr=2e-3", "train.weight_decay=0"])
+    torch.manual_seed(0)
+    model = create_model(cfg.model).train()
+    samples = [make_sample(i, "train", seed=0) for i in range(16)]
+    transform = ImageTransform(64, cfg.model.preprocess)
+    batch = {
+        "image": torch.stack([transform(load_image(io.BytesIO(s["png"]))) for s in samples]),
+        "text": create_tokenizer(32)([s["txt"].decode() for s in samples]),
+    }
+    micro = [{k: v[:8] for k, v in batch.items()}, {k: v[8:] for k, v in batch.items()}]
+    task = ContrastiveTask(create_contrastive_loss("clip"), torch.device("cpu"), fusion=FusionWeights())
+    optimizer = create_optimizer(model, cfg.train)
+    history = []
+    for _ in range(40):
+        _, metrics = task.step(model, micro)
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append(metrics)
+    for key in ("contrastive_loss", "caption_loss", "match_loss"):
+        first, last = history[0][key], sum(h[key] for h in history[-5:]) / 5
+        assert last < 0.7 * first, (key, first, last)
+
+
+@pytest.fixture(scope="module")
+def fusion_run(tmp_path_factory, synthetic):
+    """A short joint run (contrastive + caption + matching) with accumulation; returns its run directory."""
+    run = tmp_path_factory.mktemp("fusion") / "run"
+    overrides = tiny_overrides(
+        synthetic, *FUSION, "train.steps=40", "train.batch_size=16", "train.accum_steps=2", "train.log_every=5",
+        "train.lr=2e-3", "train.warmup_steps=5",
+    )  # fmt: skip
+    train(load_config("tiny", overrides), run_dir=run, progress=False)
+    return run
+
+
+@pytest.mark.slow
+def test_joint_training_run_logs_each_loss_and_reports_fusion_metrics(fusion_run):
+    lines = [json.loads(line) for line in (fusion_run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in lines if "loss" in r]
+    for key in ("contrastive_loss", "caption_loss"):  # matching needs longer than 40 steps on fresh data
+        first, last = train_lines[0][key], train_lines[-1][key]
+        assert last < 0.9 * first, (key, first, last)
+    assert all(0 < r["match_loss"] < 2 and 0 <= r["match_acc"] <= 1 for r in train_lines)
+    evals = [r["eval"] for r in lines if "eval" in r]
+    for key in ("text_to_image_R@1_reranked", "caption_BLEU4", "caption_CIDEr", "caption_attr_acc"):
+        assert key in evals[-1] and math.isfinite(evals[-1][key]), key
+
+
+@pytest.mark.slow
+def test_caption_and_match_api(fusion_run, tmp_path):
+    model = mmfusion.load(fusion_run)
+    assert model.has_fusion
+    images = [Image.open(__import__("io").BytesIO(make_sample(i, "val", seed=0)["png"])) for i in range(3)]
+    greedy = model.caption(images)
+    assert len(greedy) == 3 and all(isinstance(c, str) and c for c in greedy)
+    assert model.caption(images, beam=3) == model.caption(images, beam=3)
+    sampled = model.caption(images, top_p=0.9, temperature=1.5, seed=7)
+    assert sampled == model.caption(images, top_p=0.9, temperature=1.5, seed=7)  # seeded: reproducible
+    assert [model.caption(images[i : i + 1])[0] for i in range(3)] == greedy  # batching changes nothing
+
+    probs = model.match(images, ["a red circle", "a blue star", "a green square"])
+    assert probs.shape == (3,) and ((probs >= 0) & (probs <= 1)).all()
+    assert model.match(images[0], ["x", "y"]).shape == (2,)  # one image against several texts
+
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("hello")
+    with pytest.raises(ImageLoadError, match="notes.jpg"):
+        model.caption([images[0], str(not_an_image)])
+
+
+@pytest.mark.slow
+def test_caption_tool(fusion_run, tmp_path, capsys):
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(make_sample(i, "val", seed=0)["png"])
+    assert caption_tool.main(["--checkpoint", str(fusion_run), *map(str, paths), "--beam", "2"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2  # one caption per image
+
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    assert caption_tool.main(["--checkpoint", str(fusion_run), str(paths[0]), str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "notes.txt" in captured.err
+
+
+@pytest.mark.slow
+def test_rerank_reorders_contrastive_candidates_by_the_matching_head(fusion_run, tmp_path, caplog):
+    model = mmfusion.load(fusion_run)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i:02d}.png").write_bytes(make_sample(i, "val", seed=0)["png"])
+    index = SearchIndex.create(model)
+    index.add_images(sorted(folder.glob("*.png")))
+    query = "a red circle"
+    plain = index.search(query, k=12)
+    reranked = index.search(query, k=5, rerank=True)
+    assert len(reranked) == 5
+    scores = [h.score for h in reranked]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    expected = model.match([h.id for h in plain[:10]], query)
+    best = sorted(zip(expected.tolist(), [h.id for h in plain[:10]], strict=True), reverse=True)[:5]
+    assert [h.id for h in reranked] == [i for _, i in best]
+
+    # An entry without a readable image keeps its place after the reranked ones.
+    index.add_embeddings(["raw"], model.encode_text([query]))
+    with caplog.at_level("WARNING"):
+        hits = index.search(query, k=11, rerank=True, rerank_candidates=11)
+    assert hits[-1].id == "raw" and hits[-1].score == 0.0 and "cannot be re-read" in caplog.text
+    with pytest.raises(ValueError, match="text query"):
+        index.search(str(folder / "00.png"), rerank=True)
