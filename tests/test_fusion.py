@@ -192,3 +192,18 @@ def test_rerank_reorders_contrastive_candidates_by_the_matching_head(fusion_run,
     assert hits[-1].id == "raw" and hits[-1].score == 0.0 and "cannot be re-read" in caplog.text
     with pytest.raises(ValueError, match="text query"):
         index.search(str(folder / "00.png"), rerank=True)
+
+
+@pytest.mark.slow
+def test_rerank_reads_images_back_from_shards(fusion_run, synthetic, tmp_path, caplog):
+    from mmfusion.index.build import build_from_shards
+
+    model = mmfusion.load(fusion_run)
+    build_from_shards(model, synthetic["val"], tmp_path / "val.idx", progress=False)
+    index = SearchIndex.open(tmp_path / "val.idx", model)
+    source = index.get_record(index.ids()[0]).source
+    assert source["kind"] == "shard" and source["key"] == index.ids()[0]
+    with caplog.at_level("WARNING"):
+        hits = index.search("a small red circle", k=10, rerank=True)
+    assert len(hits) == 10 and "cannot be re-read" not in caplog.text
+    assert all(0 < h.score <= 1 for h in hits)  # every candidate was re-read and scored

@@ -273,7 +273,8 @@ def build_from_shards(
     index.remove(report.removed)
     index.add_embeddings(ids, vectors, metas, sources=sources)
     _save(index, model, {"shards": pattern})
-    barrier(dist)
+    if dist is not None:
+        barrier(dist)
     return report
 
 
