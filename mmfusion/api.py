@@ -16,6 +16,7 @@ from mmfusion.config import RunConfig, from_dict
 from mmfusion.data import ImageTransform, ShardStream, expand_shards, load_image, make_loader
 from mmfusion.eval.retrieval import evaluate
 from mmfusion.models import CLIPModel, create_model, create_tokenizer
+from mmfusion.models.fusion import rerank_score
 from mmfusion.train import checkpoint as ckpt_io
 from mmfusion.train.dist import resolve_device
 
@@ -92,8 +93,15 @@ class MMFusion:
         return torch.stack([self.preprocess(im) for im in images]).to(self.device)  # (B, 3, S, S)
 
     @torch.no_grad()
-    def match(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str], batch_size: int = 64):
-        """Probability (N,) that image i and text i match, from the fusion head's matching classifier.
+    def match(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        texts: str | Sequence[str],
+        batch_size: int = 64,
+        logits: bool = False,
+    ) -> torch.Tensor:
+        """Probability (N,) that image i and text i match, from the fusion head's matching classifier
+        (its raw logits with ``logits=True``).
 
         One text is paired with every image (and one image with every text). Unlike ``encode_*`` similarities,
         the score reads image and text jointly, so it is sharper but costs one fused pass per pair: use it to
@@ -111,8 +119,17 @@ class MMFusion:
         for i in range(0, len(images), batch_size):
             pixels = self._pixels(images[i : i + batch_size])
             tokens = self.tokenizer(texts[i : i + batch_size]).to(self.device)
-            out.append(self.model.match(pixels, tokens).sigmoid().float().cpu())
+            scores = self.model.match(pixels, tokens).float().cpu()
+            out.append(scores if logits else scores.sigmoid())
         return torch.cat(out) if out else torch.empty(0)
+
+    def rerank_scores(self, images: Sequence[ImageInput], text: str, similarities) -> torch.Tensor:
+        """Scores (N,) that reorder contrastive candidates for one text query: the matching head's logit plus the
+        contrastive logit (temperature x the given cosine ``similarities``); higher is better. Used by
+        ``SearchIndex.search(..., rerank=True)``."""
+        match_logits = self.match(images, text, logits=True) if len(images) else torch.empty(0)
+        scale = self.model.logit_scale.detach().exp().item()
+        return rerank_score(match_logits, torch.as_tensor(similarities, dtype=torch.float32), scale)
 
     @torch.no_grad()
     def caption(

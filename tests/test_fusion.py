@@ -64,6 +64,17 @@ def test_hard_negatives_skip_positives_and_prefer_similar_items():
     assert (draws != torch.arange(4)).all()
 
 
+def test_fusion_config_is_checked():
+    from mmfusion.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fusion.heads"):
+        load_config("tiny", ["model.fusion.enabled=true", "model.fusion.heads=3"])
+    with pytest.raises(ConfigError, match="vocab_cutoffs"):
+        load_config("tiny", ["model.fusion.vocab_cutoffs=[10000, 2000]"])
+    with pytest.raises(ConfigError, match="unknown key 'model.fusion.enable'"):
+        load_config("tiny", ["model.fusion.enable=true"])
+
+
 def test_forward_without_fusion_head_is_a_clear_error():
     model = create_model(load_config("tiny", TINY).model)
     batch = {"image": torch.randn(2, 3, 64, 64), "text": create_tokenizer(32)(["a", "b"])}
@@ -124,7 +135,13 @@ def test_joint_training_run_logs_each_loss_and_reports_fusion_metrics(fusion_run
         assert last < 0.9 * first, (key, first, last)
     assert all(0 < r["match_loss"] < 2 and 0 <= r["match_acc"] <= 1 for r in train_lines)
     evals = [r["eval"] for r in lines if "eval" in r]
-    for key in ("text_to_image_R@1_reranked", "caption_BLEU4", "caption_CIDEr", "caption_attr_acc"):
+    for key in (
+        "text_to_image_R@1_reranked",
+        "text_to_image_R@1_match_only",
+        "caption_BLEU4",
+        "caption_CIDEr",
+        "caption_attr_acc",
+    ):
         assert key in evals[-1] and math.isfinite(evals[-1][key]), key
 
 
@@ -180,16 +197,20 @@ def test_rerank_reorders_contrastive_candidates_by_the_matching_head(fusion_run,
     reranked = index.search(query, k=5, rerank=True)
     assert len(reranked) == 5
     scores = [h.score for h in reranked]
-    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
-    expected = model.match([h.id for h in plain[:10]], query)
-    best = sorted(zip(expected.tolist(), [h.id for h in plain[:10]], strict=True), reverse=True)[:5]
-    assert [h.id for h in reranked] == [i for _, i in best]
+    assert scores == sorted(scores, reverse=True)
+    # The fused score: matching logit + temperature x cosine, over the contrastive top 10.
+    top = plain[:10]
+    logits = model.match([h.id for h in top], query, logits=True)
+    fused = logits + model.model.logit_scale.exp().item() * torch.tensor([h.score for h in top])
+    expected = [top[i].id for i in fused.argsort(descending=True)[:5].tolist()]
+    assert [h.id for h in reranked] == expected
+    assert scores == pytest.approx(fused.sort(descending=True).values[:5].tolist(), rel=1e-4, abs=1e-4)
 
     # An entry without a readable image keeps its place after the reranked ones.
     index.add_embeddings(["raw"], model.encode_text([query]))
     with caplog.at_level("WARNING"):
         hits = index.search(query, k=11, rerank=True, rerank_candidates=11)
-    assert hits[-1].id == "raw" and hits[-1].score == 0.0 and "cannot be re-read" in caplog.text
+    assert hits[-1].id == "raw" and hits[-1].score == float("-inf") and "cannot be re-read" in caplog.text
     with pytest.raises(ValueError, match="text query"):
         index.search(str(folder / "00.png"), rerank=True)
 
@@ -206,4 +227,4 @@ def test_rerank_reads_images_back_from_shards(fusion_run, synthetic, tmp_path, c
     with caplog.at_level("WARNING"):
         hits = index.search("a small red circle", k=10, rerank=True)
     assert len(hits) == 10 and "cannot be re-read" not in caplog.text
-    assert all(0 < h.score <= 1 for h in hits)  # every candidate was re-read and scored
+    assert all(math.isfinite(h.score) for h in hits)  # every candidate was re-read and scored

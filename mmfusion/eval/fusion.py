@@ -1,7 +1,8 @@
 """Held-out metrics of the fusion head: reranked text->image recall and generated-caption quality.
 
 Reranking follows the index's recipe (:meth:`mmfusion.index.SearchIndex.search` with ``rerank=True``):
-the contrastive top-``candidates`` images of each text query are reordered by the matching head, so
+the contrastive top-``candidates`` images of each text query are reordered by the fused score
+(:func:`mmfusion.models.fusion.rerank_score`: matching logit + contrastive logit), so
 ``text_to_image_R@1_reranked`` sits beside the contrastive ``text_to_image_R@1`` it should improve on.
 Captions are decoded greedily and scored by :func:`mmfusion.eval.caption.caption_metrics`.
 """
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from mmfusion.eval.caption import caption_metrics
-from mmfusion.models.fusion import PAD
+from mmfusion.models.fusion import PAD, rerank_score
 
 RERANK_CANDIDATES = 10
 
@@ -25,6 +26,7 @@ def _match_candidates(model: nn.Module, memory: torch.Tensor, tokens: torch.Tens
     head = model.fusion
     _, states = model.text(tokens)  # (Q, L, W)
     length = int((tokens != PAD).sum(dim=1).max())
+    candidates = candidates.to(tokens.device)
     queries, n = candidates.shape
     rows = torch.arange(queries, device=tokens.device).repeat_interleave(n)  # (Q * C,)
     hidden = head.fuse(memory[candidates.reshape(-1)], states[rows, :length])  # (Q * C, L, W)
@@ -44,26 +46,33 @@ def rerank_metrics(
     candidates: int = RERANK_CANDIDATES,
     batch_size: int = 64,
 ) -> dict[str, float]:
-    """text->image R@1 after reranking each query's contrastive top-``candidates`` (positives: same caption)."""
+    """text->image R@1 after reranking each query's contrastive top-``candidates`` (positives: same caption):
+    ``..._reranked`` by :func:`rerank_score` (what the index uses), ``..._match_only`` by the matching head alone."""
     ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
     caption_id = torch.tensor([ids[c] for c in captions])
-    top = (text_emb @ image_emb.T).topk(min(candidates, len(captions)), dim=1).indices  # (N, C)
+    top_sim, top = (text_emb @ image_emb.T).topk(min(candidates, len(captions)), dim=1)  # (N, C)
+    scale = model.logit_scale.detach().exp().item()
     memory = torch.cat(
         [
             model.fusion.memory(model.visual(pixels[i : i + batch_size].to(device))[1])
             for i in range(0, len(pixels), batch_size)
         ]
     )  # (N, M, W)
-    best = []
-    for i in range(0, len(captions), batch_size):
-        tokens = tokenizer(captions[i : i + batch_size]).to(device)
-        cand = top[i : i + batch_size].to(device)
-        logits = _match_candidates(model, memory, tokens, cand)  # (q, C)
-        best.append(cand.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1).cpu())
-    hit = caption_id[torch.cat(best)] == caption_id  # (N,)
-    metrics = {"text_to_image_R@1_reranked": 100.0 * hit.float().mean().item()}
-    if unseen.any():
-        metrics["unseen/text_to_image_R@1_reranked"] = 100.0 * hit[unseen].float().mean().item()
+    logits = torch.cat(
+        [
+            _match_candidates(
+                model, memory, tokenizer(captions[i : i + batch_size]).to(device), top[i : i + batch_size]
+            )
+            for i in range(0, len(captions), batch_size)
+        ]
+    ).cpu()  # (N, C)
+    metrics = {}
+    for name, score in (("reranked", rerank_score(logits, top_sim, scale)), ("match_only", logits)):
+        best = top.gather(1, score.argmax(dim=1, keepdim=True)).squeeze(1)  # (N,)
+        hit = caption_id[best] == caption_id  # (N,)
+        metrics[f"text_to_image_R@1_{name}"] = 100.0 * hit.float().mean().item()
+        if unseen.any():
+            metrics[f"unseen/text_to_image_R@1_{name}"] = 100.0 * hit[unseen].float().mean().item()
     return metrics
 
 

@@ -259,9 +259,10 @@ class SearchIndex:
         or a batch: a 2-D embedding or a list of any of those (-> list of lists). ``where`` filters on metadata.
 
         ``rerank=True`` (text queries only) takes the contrastive top ``max(k, rerank_candidates)``, re-reads their
-        images and orders them by the model's image-text matching head (``model.match``); hit scores are then
-        match probabilities. Candidates whose image cannot be re-read (entries added as raw embeddings, remote
-        shards) follow the reranked ones with score 0.0, and a warning says how many."""
+        images and orders them by ``model.rerank_scores(images, text, cosines)`` (for mmfusion models: the fusion
+        head's matching logit plus the contrastive logit); hit scores are then those scores. Candidates whose image
+        cannot be re-read (entries added as raw embeddings, remote shards) follow the reranked ones, keeping their
+        order, with score -inf, and a warning says how many."""
         if rerank:
             return self._reranked(query, k, where, rerank_candidates)
         if isinstance(query, (list, tuple)):
@@ -298,7 +299,7 @@ class SearchIndex:
         if not isinstance(query, str) or is_image_path(query):
             raise ValueError("rerank=True needs a text query: the matching head scores image-caption pairs")
         model = self._need_model()
-        if not hasattr(model, "match"):
+        if not hasattr(model, "rerank_scores"):
             raise ValueError("rerank=True needs a model with a matching head (train with model.fusion.enabled=true)")
         hits = self._store.search(self._embed_queries([query]), max(k, candidates), where)[0]
         images, readable, unreadable = [], [], []
@@ -313,10 +314,11 @@ class SearchIndex:
             log.warning(
                 "reranking skipped %d of %d candidates whose image cannot be re-read", len(unreadable), len(hits)
             )
-        scores = to_numpy(model.match(images, [query] * len(images))).reshape(-1) if images else []
+        cosines = np.array([h.score for h in readable], np.float32)
+        scores = to_numpy(model.rerank_scores(images, query, cosines)).reshape(-1) if images else []
         order = sorted(range(len(readable)), key=lambda i: -float(scores[i]))
         reranked = [Hit(readable[i].id, float(scores[i]), readable[i].metadata) for i in order]
-        return (reranked + [Hit(h.id, 0.0, h.metadata) for h in unreadable])[:k]
+        return (reranked + [Hit(h.id, float("-inf"), h.metadata) for h in unreadable])[:k]
 
     # ---- everything else ---------------------------------------------------------------------------------------
     def remove(self, ids: str | Iterable[str]) -> int:

@@ -43,6 +43,15 @@ def sample_hard_negatives(similarity: torch.Tensor, positive: torch.Tensor) -> t
     return torch.multinomial(weights, 1).squeeze(1)  # (R,)
 
 
+def rerank_score(match_logits: torch.Tensor, similarity: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """The score that reranks contrastive candidates: matching logit + contrastive logit (temperature x cosine).
+
+    Summing both, as BLIP's retrieval does, keeps the contrastive order where the matching head is unsure
+    (early in training its logits hover near zero and alone they rank worse than the contrastive scores).
+    """
+    return match_logits.float() + logit_scale * similarity.float()
+
+
 class FusionHead(nn.Module):
     """Causal multimodal layers over text states with cross-attention to image tokens, plus two heads."""
 
