@@ -14,6 +14,7 @@ from PIL import Image
 
 from mmfusion.config import RunConfig, from_dict
 from mmfusion.data import ImageTransform, ShardStream, expand_shards, load_image, make_loader
+from mmfusion.data.audio import audio_transform_for
 from mmfusion.eval.retrieval import evaluate
 from mmfusion.models import CLIPModel, create_model, create_tokenizer
 from mmfusion.models.fusion import rerank_score
@@ -21,6 +22,7 @@ from mmfusion.train import checkpoint as ckpt_io
 from mmfusion.train.dist import resolve_device
 
 ImageInput = Image.Image | str | Path | bytes
+AudioInput = str | Path | bytes | torch.Tensor  # a WAV/FLAC file, its bytes, or a 16 kHz waveform (T,) / (C, T)
 
 
 class ImageLoadError(ValueError):
@@ -41,6 +43,7 @@ class MMFusion:
         self.checkpoint = checkpoint
         self.tokenizer = create_tokenizer(config.model.text.context_length)
         self.transform = ImageTransform(config.model.vision.image_size, config.model.preprocess)
+        self.audio_transform = audio_transform_for(config.model.audio) if config.model.audio.enabled else None
         self._fingerprint: str | None = None
 
     @property
@@ -82,6 +85,21 @@ class MMFusion:
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
             out.append(self.model.encode_text(tokens).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+    @torch.no_grad()
+    def encode_audio(self, clips: AudioInput | Sequence[AudioInput], batch_size: int = 64) -> torch.Tensor:
+        """Embed sound clips (WAV/FLAC paths or bytes, or waveform tensors at 16 kHz) -> (N, E), L2-normalised, in
+        the same space as images and text. Clips are centre-cropped or padded to the trained duration. An input
+        that cannot be decoded raises :class:`mmfusion.data.audio.AudioLoadError` naming it."""
+        if self.audio_transform is None:
+            raise ValueError("this model has no audio tower: train it with model.audio.enabled=true")
+        if isinstance(clips, (str, Path, bytes)) or (isinstance(clips, torch.Tensor) and clips.dim() == 1):
+            clips = [clips]
+        out = []
+        for i in range(0, len(clips), batch_size):
+            mels = torch.stack([self.audio_transform(c) for c in clips[i : i + batch_size]]).to(self.device)
+            out.append(self.model.encode_audio(mels).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
 
     @property
@@ -146,11 +164,18 @@ class MMFusion:
         length_penalty: float = 1.0,
         seed: int | None = None,
         batch_size: int = 32,
+        audio: Sequence[AudioInput] | None = None,
     ) -> list[str]:
         """One caption per image. Greedy by default; ``beam=3`` for beam search, ``top_p=0.9`` for nucleus sampling
         (``seed`` makes it reproducible). Lengths count BPE tokens (at most the text context minus 1). By default
-        no 4-gram repeats within a caption; ``repetition_penalty > 1`` also discourages repeated words."""
+        no 4-gram repeats within a caption; ``repetition_penalty > 1`` also discourages repeated words.
+        ``audio``: one clip per image, heard alongside it (models with an audio tower)."""
         images = [images] if isinstance(images, (Image.Image, str, Path, bytes)) else list(images)
+        if audio is not None:
+            if self.audio_transform is None:
+                raise ValueError("this model has no audio tower: train it with model.audio.enabled=true")
+            if len(audio) != len(images):
+                raise ValueError(f"got {len(images)} images but {len(audio)} audio clips")
         generator = None
         if top_p is not None:
             generator = torch.Generator(self.device).manual_seed(seed if seed is not None else torch.seed())
@@ -168,10 +193,14 @@ class MMFusion:
             options["max_new_tokens"] = max_length
         captions = []
         for i in range(0, len(images), batch_size):
+            mels = None
+            if audio is not None:
+                mels = torch.stack([self.audio_transform(c) for c in audio[i : i + batch_size]]).to(self.device)
             ids = self.model.generate_captions(
                 self._pixels(images[i : i + batch_size]),
                 self.tokenizer.sot_token_id,
                 self.tokenizer.eot_token_id,
+                audio=mels,
                 **options,
             )
             captions += [self.tokenizer.decode(t).strip() for t in ids]

@@ -107,6 +107,30 @@ class FusionConfig:
 
 
 @dataclass(frozen=True)
+class AudioTowerConfig:
+    """The audio branch (ImageBind/CLAP-style binding into the shared space): off unless ``enabled``.
+
+    Clips are mono 16 kHz, cropped or padded to ``duration`` seconds, as 64-band log-mels with a 10 ms hop
+    (:mod:`mmfusion.data.audio`); a ViT over ``patch_size`` x ``patch_size`` spectrogram patches encodes them
+    (AST-like, Gong et al., 2021).
+    """
+
+    enabled: bool = False
+    duration: float = 1.0
+    n_mels: int = 64
+    patch_size: int = 16
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self):
+        _check_positive(self, "duration", "n_mels", "patch_size", "width", "depth", "heads")
+        _check(self.width % self.heads == 0, "audio.width must be a multiple of audio.heads")
+        _check(self.n_mels % self.patch_size == 0, "audio.n_mels must be a multiple of audio.patch_size")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny"
     embed_dim: int = 256
@@ -117,6 +141,7 @@ class ModelConfig:
     logit_bias: bool = False  # a learnable bias, for the sigmoid loss (train.loss=siglip turns it on)
     init_logit_bias: float = -10.0  # SigLIP's initial bias
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    audio: AudioTowerConfig = field(default_factory=AudioTowerConfig)
 
     def __post_init__(self):
         if self.fusion.enabled:
@@ -134,6 +159,7 @@ class DataConfig:
     synthetic_train: int = 20000
     synthetic_val: int = 1000
     synthetic_seed: int = 0
+    synthetic_audio: bool = False  # give every synthetic scene a sound clip (for the audio branch)
     workers: int = 1
     shuffle_buffer: int = 1000
     # Train augmentation. No flips or colour jitter by default: captions name colours and sides.
@@ -175,6 +201,7 @@ class TrainConfig:
     contrastive_weight: float = 1.0
     caption_weight: float = 2.0
     match_weight: float = 1.0
+    audio_weight: float = 1.0  # weight of the mean of the audio<->text and audio<->image losses
 
     def __post_init__(self):
         _check_choice(self.loss, ("clip", "siglip"), "train.loss")
@@ -183,7 +210,7 @@ class TrainConfig:
         _check_positive(self, "batch_size", "accum_steps", "log_every", "checkpoint_every", "keep_last")
         _check(self.epochs > 0 or self.steps > 0, "set train.epochs or train.steps to a positive number")
         _check(min(self.steps, self.warmup_steps, self.eval_every, self.lr) >= 0, "steps and lr must be >= 0")
-        weights = (self.contrastive_weight, self.caption_weight, self.match_weight)
+        weights = (self.contrastive_weight, self.caption_weight, self.match_weight, self.audio_weight)
         _check(min(weights) >= 0, "loss weights must be >= 0")
 
 

@@ -34,7 +34,7 @@ def test_caption_loss_is_the_mean_over_real_tokens_only():
     _, image_tokens = model.visual(torch.randn(2, 3, 64, 64))
     _, states = model.text(tokens)
     head = model.fusion
-    hidden = head.fuse(head.memory(image_tokens), states)  # (2, 32, W): padding positions included
+    hidden = head.fuse(head.memory(image_tokens)[0], states)  # (2, 32, W): padding positions included
     loss = head.caption_loss(hidden, tokens)
 
     # By hand: position t predicts token t + 1, for targets up to and including the end token.
@@ -47,7 +47,7 @@ def test_caption_loss_is_the_mean_over_real_tokens_only():
     assert len(nll) == int((tokens != PAD).sum()) - 2  # every real token but the two start tokens
     # Trimming the padded tail (what training does) changes nothing.
     length = int((tokens != PAD).sum(1).max())
-    trimmed = head.fuse(head.memory(image_tokens), states[:, :length])
+    trimmed = head.fuse(head.memory(image_tokens)[0], states[:, :length])
     assert head.caption_loss(trimmed, tokens[:, :length]).item() == pytest.approx(loss.item(), rel=1e-5)
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mmfusion.models import create_model, create_tokenizer, list_models
+from mmfusion.models.audio import num_frames
 from mmfusion.train.checkpoint import load_weights, save_checkpoint
 
 SHALLOW = {"vision": {"depth": 1}, "text": {"depth": 1}}  # real widths/patches/sizes, one block each
@@ -16,7 +17,10 @@ def test_forward_backward_shapes(name):
     cfg = model.cfg
     size, ctx = cfg.vision.image_size, cfg.text.context_length
     tokens = create_tokenizer(ctx)(["a red circle", "two blue squares above a star"])
-    out = model({"image": torch.randn(2, 3, size, size), "text": tokens})
+    batch = {"image": torch.randn(2, 3, size, size), "text": tokens}
+    if cfg.audio.enabled:  # e.g. tiny-audio
+        batch["audio"] = torch.randn(2, cfg.audio.n_mels, num_frames(cfg.audio))
+    out = model(batch)
     n_patches = (size // cfg.vision.patch_size) ** 2
     assert out["image_features"].shape == (2, cfg.embed_dim)
     assert out["text_features"].shape == (2, cfg.embed_dim)
@@ -26,6 +30,9 @@ def test_forward_backward_shapes(name):
         assert torch.isfinite(out[key]).all()
         torch.testing.assert_close(out[key].norm(dim=-1), torch.ones(2))
     loss = (out["image_features"] @ out["text_features"].T).sum() * out["logit_scale"]
+    if cfg.audio.enabled:
+        assert out["audio_features"].shape == (2, cfg.embed_dim)
+        loss = loss + (out["audio_features"] @ out["text_features"].T).sum()
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

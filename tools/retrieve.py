@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Search an index built by tools/build_index.py with a text or an image; prints the best hits, best first.
+"""Search an index built by tools/build_index.py with a text, an image or a sound; prints the best hits, best first.
 
 Each line is "score  id  metadata" (metadata as JSON, when the item has any); --json prints one JSON list of
 {"id", "score", "metadata"} instead. The checkpoint defaults to the one that built the index.
@@ -7,6 +7,7 @@ Each line is "score  id  metadata" (metadata as JSON, when the item has any); --
 examples:
   python tools/retrieve.py --index photos.idx --text "a red circle at the top"
   python tools/retrieve.py --index photos.idx --image query.jpg --k 5 --json
+  python tools/retrieve.py --index photos.idx --audio bark.wav --k 5      # needs a model with an audio tower
   python tools/retrieve.py --index photos.idx --text "a red circle" --rerank   # needs a fusion-head model
 """
 
@@ -24,7 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     query = parser.add_mutually_exclusive_group(required=True)
     query.add_argument("--image", metavar="FILE", help="find images like this one")
     query.add_argument("--text", metavar="TEXT", help="find images matching this description")
-    # --audio FILE joins this group when the audio tower lands (mmfusion.index.build.search grows audio=).
+    query.add_argument("--audio", metavar="FILE", help="find images that sound like this WAV/FLAC clip")
     parser.add_argument("--k", type=int, default=10, help="number of hits (default 10)")
     parser.add_argument(
         "--rerank",
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"index {args.index} does not record the checkpoint that built it: pass --checkpoint")
         model = mmfusion.load(checkpoint, device=args.device)
         index = SearchIndex.open(args.index, model)
-        hits = search(index, text=args.text, image=args.image, k=args.k, rerank=args.rerank)
+        hits = search(index, text=args.text, image=args.image, audio=args.audio, k=args.k, rerank=args.rerank)
     except (OSError, ValueError) as exn:  # missing index or query file, bad query, checkpoint or model mismatch
         print(f"error: {error_line(exn)}", file=sys.stderr)
         return 2

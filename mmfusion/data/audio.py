@@ -297,3 +297,8 @@ class AudioTransform:
         with torch.no_grad():
             features = self.log_mel(waveform)  # (n_mels, frames)
         return spec_augment(features, rng) if self.train else features
+
+
+def audio_transform_for(cfg, train: bool = False) -> AudioTransform:
+    """The front end a model's audio tower expects (``cfg``: :class:`mmfusion.config.AudioTowerConfig`)."""
+    return AudioTransform(AudioConfig(duration=cfg.duration, n_mels=cfg.n_mels), train=train)

@@ -93,13 +93,22 @@ class Sample:
     text: str
     json: str
     url: str  # the shard it came from: lets an index re-read the image (e.g. to rerank)
+    audio: torch.Tensor | None = None  # (n_mels, frames) log-mel, when the sample has audio and it is wanted
+
+
+AUDIO_EXTENSIONS = ("flac", "wav")
 
 
 class SampleDecoder:
-    """Decode one raw webdataset sample; returns None (never raises) for a corrupt or partial one."""
+    """Decode one raw webdataset sample; returns None (never raises) for a corrupt or partial one.
 
-    def __init__(self, transform: ImageTransform):
+    With an ``audio_transform``, a ``flac``/``wav`` member is decoded too; a sample without one is fine (its
+    ``audio`` stays None), but one whose audio is corrupt or empty counts as a bad sample.
+    """
+
+    def __init__(self, transform: ImageTransform, audio_transform: Callable | None = None):
         self.transform = transform
+        self.audio_transform = audio_transform
 
     def __call__(self, raw: dict, rng: random.Random | None) -> Sample | None:
         key = raw.get("__key__", "?")
@@ -112,10 +121,15 @@ class SampleDecoder:
                 raise ValueError("empty caption")
             image = self.transform(load_image(image_bytes), rng)
             meta = raw["json"].decode("utf-8") if "json" in raw else "{}"
+            audio = None
+            if self.audio_transform is not None:
+                audio_bytes = next((raw[ext] for ext in AUDIO_EXTENSIONS if ext in raw), None)
+                if audio_bytes is not None:
+                    audio = self.audio_transform(audio_bytes, rng)
         except Exception as exn:  # any decoding failure is a bad sample, counted by the caller
             log.debug("skipping sample %s from %s: %s", key, raw.get("__url__"), exn)
             return None
-        return Sample(key=key, image=image, text=text, json=meta, url=str(raw.get("__url__", "")))
+        return Sample(key=key, image=image, text=text, json=meta, url=str(raw.get("__url__", "")), audio=audio)
 
 
 class _ErrorCounter:
@@ -147,7 +161,9 @@ class ShardStream(IterableDataset):
 
     Each batch is a dict: ``image`` (B, 3, S, S), ``text`` (B, L) token ids, ``caption``/``key``/
     ``json`` lists, and bookkeeping: ``worker``, ``epoch``, ``pos`` (the producing worker's position
-    after this batch) and ``skipped`` (bad samples since that worker's previous batch).
+    after this batch) and ``skipped`` (bad samples since that worker's previous batch). With an
+    ``audio_transform`` also ``audio`` (B, n_mels, frames), zeros where a sample has none, and
+    ``has_audio`` (B,) bool.
     """
 
     def __init__(
@@ -163,10 +179,11 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         shuffle_buffer: int = 1000,
         start: dict | None = None,
+        audio_transform: Callable | None = None,
     ):
         self.urls = urls
         self.batch_size = batch_size
-        self.decoder = SampleDecoder(transform)
+        self.decoder = SampleDecoder(transform, audio_transform)
         self.tokenizer = tokenizer
         self.train = train
         self.seed = seed
@@ -230,7 +247,7 @@ class ShardStream(IterableDataset):
     def _collate(self, samples: list[Sample], worker: int, epoch: int, pos: int, skipped: int) -> dict:
         captions = [s.text for s in samples]
         size = self.decoder.transform.image_size
-        return {
+        batch = {
             "image": torch.stack([s.image for s in samples])
             if samples
             else torch.empty(0, 3, size, size),  # (B, 3, S, S)
@@ -244,6 +261,12 @@ class ShardStream(IterableDataset):
             "pos": pos,
             "skipped": skipped,
         }
+        if self.decoder.audio_transform is not None:
+            shape = (self.decoder.audio_transform.cfg.n_mels, self.decoder.audio_transform.num_frames)
+            mels = [s.audio if s.audio is not None else torch.zeros(shape) for s in samples]
+            batch["audio"] = torch.stack(mels) if mels else torch.empty(0, *shape)  # (B, n_mels, frames)
+            batch["has_audio"] = torch.tensor([s.audio is not None for s in samples], dtype=torch.bool)
+        return batch
 
 
 class StreamPosition:

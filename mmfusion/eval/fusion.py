@@ -54,7 +54,7 @@ def rerank_metrics(
     scale = model.logit_scale.detach().exp().item()
     memory = torch.cat(
         [
-            model.fusion.memory(model.visual(pixels[i : i + batch_size].to(device))[1])
+            model.fusion.memory(model.visual(pixels[i : i + batch_size].to(device))[1])[0]
             for i in range(0, len(pixels), batch_size)
         ]
     )  # (N, M, W)

@@ -28,18 +28,25 @@ def embed_batches(
     device: torch.device,
     autocast: AbstractContextManager | None = None,
     pixels: list | None = None,
+    audio: list | None = None,
 ):
     """Embed every batch of an eval stream; returns image (N, E), text (N, E) and the samples' metadata.
 
-    When ``pixels`` is a list, the preprocessed image batches are appended to it (for the fusion head's metrics).
+    When ``pixels`` is a list, the preprocessed image batches are appended to it (for the fusion head's metrics);
+    when ``audio`` is a list and the batches carry audio, ``(audio embeddings (B, E), has_audio (B,))`` pairs.
     """
     images, texts, captions, metas = [], [], [], []
     model.eval()
     for batch in batches:
         if not batch["caption"]:  # a batch that only reports skipped samples
             continue
+        inputs = {"image": batch["image"].to(device), "text": batch["text"].to(device)}
+        if audio is not None and "audio" in batch:
+            inputs["audio"] = batch["audio"].to(device)
         with autocast or nullcontext():
-            out = model({"image": batch["image"].to(device), "text": batch["text"].to(device)})
+            out = model(inputs)
+        if "audio_features" in out:
+            audio.append((out["audio_features"].float().cpu(), batch["has_audio"]))
         images.append(out["image_features"].float().cpu())
         if pixels is not None:
             pixels.append(batch["image"])
@@ -96,6 +103,28 @@ def zero_shot_accuracy(
     return predicted == truth, classes
 
 
+def audio_metrics(
+    audio_emb: torch.Tensor, has_audio: torch.Tensor, image_emb: torch.Tensor, text_emb: torch.Tensor, captions, unseen
+) -> dict[str, float]:
+    """audio->image and audio->text recall@k for the samples with audio (the gallery is every sample);
+    a hit shares the query's caption, as everywhere else."""
+    if not has_audio.any():
+        return {}
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    caption_id = torch.tensor([ids[c] for c in captions])
+    positives = (caption_id[:, None] == caption_id[None, :])[has_audio]  # (Q, N)
+    metrics = {"audio_samples": float(has_audio.sum())}
+    for name, gallery in (("image", image_emb), ("text", text_emb)):
+        sim = audio_emb[has_audio] @ gallery.T  # (Q, N)
+        for k, v in recall_at_k(sim, positives, (1, 5, 10)).items():
+            metrics[f"audio_to_{name}_{k}"] = v
+        rows = unseen[has_audio]
+        if rows.any():
+            for k, v in recall_at_k(sim[rows], positives[rows], (1, 5)).items():
+                metrics[f"unseen/audio_to_{name}_{k}"] = v
+    return metrics
+
+
 def evaluate_embeddings(
     model: nn.Module, tokenizer, image_emb, text_emb, captions, metas, device: torch.device
 ) -> dict[str, float]:
@@ -121,9 +150,14 @@ def evaluate(model: nn.Module, tokenizer, batches, device: torch.device, autocas
     """Embed an eval stream and compute every held-out metric (and the fusion head's, when the model has one)."""
     fusion = getattr(model, "fusion", None) is not None
     pixels: list | None = [] if fusion else None
-    image_emb, text_emb, captions, metas = embed_batches(model, batches, device, autocast, pixels)
+    audio: list | None = [] if getattr(model, "audio", None) is not None else None
+    image_emb, text_emb, captions, metas = embed_batches(model, batches, device, autocast, pixels, audio)
     with autocast or nullcontext():
         metrics = evaluate_embeddings(model, tokenizer, image_emb, text_emb, captions, metas, device)
+    if audio:
+        unseen = torch.tensor([bool(m.get("unseen", False)) for m in metas])
+        audio_emb, has_audio = torch.cat([a for a, _ in audio]), torch.cat([h for _, h in audio])
+        metrics.update(audio_metrics(audio_emb, has_audio, image_emb, text_emb, captions, unseen))
     if fusion:
         metrics.update(
             fusion_metrics(model, tokenizer, torch.cat(pixels), image_emb, text_emb, captions, metas, device, autocast)

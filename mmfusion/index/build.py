@@ -284,17 +284,26 @@ def search(
     *,
     text: str | None = None,
     image: str | os.PathLike | None = None,
+    audio: str | os.PathLike | None = None,
     k: int = 10,
     rerank: bool = False,
 ) -> list[Hit]:
-    """Top-``k`` hits for one text or one image file (exactly one), best first. A bad query raises ``ValueError`` or
-    ``FileNotFoundError`` with a message naming it; so does an empty index. ``rerank`` (text only): see
-    :meth:`SearchIndex.search`."""
-    # Audio queries (a later issue) become a third keyword here, embedded with the model's audio tower.
-    if (text is None) == (image is None):
-        raise ValueError("give exactly one query: text or image")
+    """Top-``k`` hits for one text, image file or audio file (exactly one), best first. A bad query raises
+    ``ValueError`` or ``FileNotFoundError`` with a message naming it; so does an empty index. ``rerank`` (text
+    only): see :meth:`SearchIndex.search`. Audio queries need a model with an audio tower (``encode_audio``)."""
+    if sum(q is not None for q in (text, image, audio)) != 1:
+        raise ValueError("give exactly one query: text, image or audio")
     if len(index) == 0:
         raise ValueError(f"index {index.path} is empty: nothing to search")
+    if audio is not None:
+        if rerank:
+            raise ValueError("--rerank needs a text query: the matching head scores image-caption pairs")
+        if not Path(audio).is_file():
+            raise FileNotFoundError(f"query audio {audio}: no such file")
+        if not hasattr(index.model, "encode_audio"):
+            raise ValueError("this model cannot embed audio")
+        # AudioLoadError (a ValueError) names the file when it is not readable audio.
+        return index.search(to_numpy(index.model.encode_audio([str(audio)]))[0], k)
     if text is not None:
         if not text.strip():
             raise ValueError("the query text is empty")

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfusion.config import ModelConfig
+from mmfusion.models.audio import AudioTower
 from mmfusion.models.decoding import decode
 from mmfusion.models.fusion import PAD, FusionHead
 from mmfusion.models.text import TextTower
@@ -32,19 +33,25 @@ class CLIPModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         # Created only for the sigmoid loss: an unused parameter would break DDP's gradient sync.
         self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.logit_bias else None
-        self.fusion = FusionHead(cfg.fusion, cfg.text, cfg.vision.width) if cfg.fusion.enabled else None
+        audio_width = cfg.audio.width if cfg.audio.enabled else None
+        self.fusion = FusionHead(cfg.fusion, cfg.text, cfg.vision.width, audio_width) if cfg.fusion.enabled else None
+        self.audio = AudioTower(cfg.audio, cfg.embed_dim) if cfg.audio.enabled else None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
         self.text.set_grad_checkpointing(enable)
         if self.fusion is not None:
             self.fusion.set_grad_checkpointing(enable)
+        if self.audio is not None:
+            self.audio.set_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay besides norms and biases."""
         names = {"logit_scale", "logit_bias"}
         names |= {f"visual.trunk.{n}" for n in self.visual.trunk.no_weight_decay()}
         names |= {f"text.transformer.{n}" for n in self.text.transformer.no_weight_decay()}
+        if self.audio is not None:
+            names |= {f"audio.trunk.{n}" for n in self.audio.trunk.no_weight_decay()}
         return names
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -53,6 +60,12 @@ class CLIPModel(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         features, _ = self.text(tokens)  # (B, E)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_audio(self, mels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        if self.audio is None:
+            raise ValueError("this model has no audio tower: train it with model.audio.enabled=true")
+        features, _ = self.audio(mels)  # (B, E)
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, batch: dict, fusion: bool = False) -> dict:
@@ -67,12 +80,17 @@ class CLIPModel(nn.Module):
             text_features, text_tokens = self.text(batch["text"])  # (B, E), (B, L, W)
             out["text_features"] = F.normalize(text_features, dim=-1)
             out["text_tokens"] = text_tokens
+        if "audio" in batch and self.audio is not None:
+            audio_features, audio_tokens = self.audio(batch["audio"])  # (B, E), (B, 1 + N, W)
+            out["audio_features"] = F.normalize(audio_features, dim=-1)
+            out["audio_tokens"] = audio_tokens
         if fusion:
             if self.fusion is None:
                 raise ValueError("this model has no fusion head (model.fusion.enabled=false)")
             with torch.no_grad():
                 similarity = out["logit_scale"] * out["image_features"] @ out["text_features"].T  # (B, B)
-            out.update(self.fusion.losses(out["image_tokens"], out["text_tokens"], batch["text"], similarity))
+            audio = (out["audio_tokens"], batch["has_audio"]) if "audio_tokens" in out else (None, None)
+            out.update(self.fusion.losses(out["image_tokens"], out["text_tokens"], batch["text"], similarity, *audio))
         return out
 
     def _require_fusion(self) -> FusionHead:
@@ -86,14 +104,28 @@ class CLIPModel(nn.Module):
         _, image_tokens = self.visual(images)
         _, text_states = self.text(tokens)
         length = int((tokens != PAD).sum(dim=1).max())
-        hidden = head.fuse(head.memory(image_tokens), text_states[:, :length])
+        memory, _ = head.memory(image_tokens)
+        hidden = head.fuse(memory, text_states[:, :length])
         return head.match_logits(hidden, tokens)
 
-    def generate_captions(self, images: torch.Tensor, start_token: int, end_token: int, **options) -> list[list[int]]:
-        """Caption token ids (without start/end tokens) per image; ``options`` go to :func:`decoding.decode`."""
+    def generate_captions(
+        self,
+        images: torch.Tensor,
+        start_token: int,
+        end_token: int,
+        audio: torch.Tensor | None = None,
+        **options,
+    ) -> list[list[int]]:
+        """Caption token ids (without start/end tokens) per image, optionally also hearing its clip (``audio``:
+        (B, n_mels, frames) log-mels); ``options`` go to :func:`decoding.decode`."""
         head = self._require_fusion()
         _, image_tokens = self.visual(images)
-        memory = head.memory(image_tokens)  # (B, M, W)
+        audio_tokens = None
+        if audio is not None:
+            if self.audio is None:
+                raise ValueError("this model has no audio tower: train it with model.audio.enabled=true")
+            _, audio_tokens = self.audio(audio)
+        memory, _ = head.memory(image_tokens, audio_tokens)  # (B, M, W); every key valid
         context = self.cfg.text.context_length
 
         def step(prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

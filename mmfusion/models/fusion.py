@@ -55,11 +55,14 @@ def rerank_score(match_logits: torch.Tensor, similarity: torch.Tensor, logit_sca
 class FusionHead(nn.Module):
     """Causal multimodal layers over text states with cross-attention to image tokens, plus two heads."""
 
-    def __init__(self, cfg: FusionConfig, text_cfg: TextConfig, vision_width: int):
+    def __init__(self, cfg: FusionConfig, text_cfg: TextConfig, vision_width: int, audio_width: int | None = None):
         super().__init__()
         width = text_cfg.width
         self.vocab_size = text_cfg.vocab_size
+        self.heads = cfg.heads
         self.image_proj = nn.Linear(vision_width, width)
+        # Audio tokens, when the model has an audio tower, join the image tokens in the cross-attention memory.
+        self.audio_proj = nn.Linear(audio_width, width) if audio_width else None
         self.decoder = MultimodalTransformer(
             width=width,
             layers=cfg.depth,
@@ -85,13 +88,43 @@ class FusionHead(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.decoder.set_grad_checkpointing(enable)
 
-    def memory(self, image_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, 1 + N, W_vision) image tokens -> (B, 1 + N, W) cross-attention memory."""
-        return self.image_proj(image_tokens)
+    def memory(
+        self,
+        image_tokens: torch.Tensor,
+        audio_tokens: torch.Tensor | None = None,
+        has_audio: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cross-attention memory (B, M, W) and its key mask (B, M) bool, or None when every key is valid.
 
-    def fuse(self, memory: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
+        Image tokens (B, 1 + N, W_vision) always; audio tokens (B, 1 + A, W_audio) appended when given, with the
+        rows whose ``has_audio`` is False masked out, so a missing clip is not read as silence.
+        """
+        memory = self.image_proj(image_tokens)
+        if audio_tokens is None or self.audio_proj is None:
+            return memory, None
+        valid = torch.ones(memory.shape[:2], dtype=torch.bool, device=memory.device)  # (B, 1 + N)
+        audio_valid = (
+            has_audio[:, None].expand(-1, audio_tokens.shape[1])
+            if has_audio is not None
+            else torch.ones(audio_tokens.shape[:2], dtype=torch.bool, device=memory.device)
+        )  # (B, 1 + A)
+        memory = torch.cat([memory, self.audio_proj(audio_tokens)], dim=1)  # (B, M, W)
+        return memory, torch.cat([valid, audio_valid], dim=1)
+
+    def fuse(self, memory: torch.Tensor, text_states: torch.Tensor, key_mask: torch.Tensor | None = None):
         """(B, M, W) memory and (B, L, W) causal text states -> (B, L, W) fused, normalised states."""
-        return self.decoder(memory, text_states)
+        if key_mask is None:
+            return self.decoder(memory, text_states)
+        # open_clip's decoder passes no mask to its cross-attention; run its layers here with one.
+        length = text_states.shape[1]
+        blocked = torch.zeros(key_mask.shape, dtype=text_states.dtype, device=memory.device)
+        blocked = blocked.masked_fill(~key_mask, float("-inf"))[:, None, :]  # (B, 1, M)
+        cross_mask = blocked.expand(-1, length, -1).repeat_interleave(self.heads, dim=0)  # (B * heads, L, M)
+        x = text_states
+        for block, cross in zip(self.decoder.resblocks, self.decoder.cross_attn, strict=True):
+            x = block(x, attn_mask=self.decoder.attn_mask[:length, :length])
+            x = cross(x, k_x=memory, v_x=memory, attn_mask=cross_mask)
+        return self.decoder.ln_final(x)
 
     def caption_loss(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token negative log-likelihood; padding targets are left out."""
@@ -119,6 +152,8 @@ class FusionHead(nn.Module):
         text_states: torch.Tensor,
         tokens: torch.Tensor,
         similarity: torch.Tensor,
+        audio_tokens: torch.Tensor | None = None,
+        has_audio: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Captioning and matching losses for a batch of matching (image, caption) pairs.
 
@@ -130,8 +165,8 @@ class FusionHead(nn.Module):
         batch = tokens.shape[0]
         length = int((tokens != PAD).sum(dim=1).max())  # decoder positions past the longest caption are padding
         tokens, text_states = tokens[:, :length], text_states[:, :length]
-        memory = self.memory(image_tokens)  # (B, M, W)
-        hidden = self.fuse(memory, text_states)  # (B, L, W)
+        memory, key_mask = self.memory(image_tokens, audio_tokens, has_audio)  # (B, M, W), (B, M) | None
+        hidden = self.fuse(memory, text_states, key_mask)  # (B, L, W)
         out = {"caption_loss": self.caption_loss(hidden, tokens)}
 
         same_caption = (tokens[:, None, :] == tokens[None, :, :]).all(dim=2)  # (B, B)
@@ -143,7 +178,9 @@ class FusionHead(nn.Module):
             negative_image = sample_hard_negatives(similarity.T[half:], same_caption[half:])  # (B - half,)
             image_rows = torch.cat([arange[:half], negative_image])
             text_rows = torch.cat([negative_text, arange[half:]])
-            logits.append(self.match_logits(self.fuse(memory[image_rows], text_states[text_rows]), tokens[text_rows]))
+            mask = key_mask[image_rows] if key_mask is not None else None  # a clip goes with its image
+            hidden = self.fuse(memory[image_rows], text_states[text_rows], mask)
+            logits.append(self.match_logits(hidden, tokens[text_rows]))
             labels.append(same_caption[image_rows, text_rows].float())
         logits, labels = torch.cat(logits), torch.cat(labels)
         out["match_loss"] = F.binary_cross_entropy_with_logits(logits, labels)

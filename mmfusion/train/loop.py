@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from mmfusion.config import RunConfig, from_dict, to_dict
 from mmfusion.data import ImageTransform, ShardStream, StreamPosition, count_samples, make_loader, resolve_shards
+from mmfusion.data.audio import audio_transform_for
 from mmfusion.eval.retrieval import evaluate
 from mmfusion.models import create_model, create_tokenizer
 from mmfusion.train import checkpoint as ckpt_io
@@ -56,7 +57,8 @@ def config_from_run(run_dir: str | Path) -> RunConfig:
 
 def eval_stream(cfg: RunConfig, urls: list[str], tokenizer) -> ShardStream:
     transform = ImageTransform(cfg.model.vision.image_size, cfg.model.preprocess)
-    return ShardStream(urls, 2 * cfg.train.batch_size, transform, tokenizer, train=False)
+    audio = audio_transform_for(cfg.model.audio) if cfg.model.audio.enabled else None
+    return ShardStream(urls, 2 * cfg.train.batch_size, transform, tokenizer, train=False, audio_transform=audio)
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -139,7 +141,11 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
         FusionWeights(tc.contrastive_weight, tc.caption_weight, tc.match_weight) if cfg.model.fusion.enabled else None
     )
     task = ContrastiveTask(
-        create_contrastive_loss(tc.loss, dist.rank, dist.world_size), dist.device, autocast, fusion_weights
+        create_contrastive_loss(tc.loss, dist.rank, dist.world_size),
+        dist.device,
+        autocast,
+        fusion_weights,
+        audio_weight=tc.audio_weight if cfg.model.audio.enabled else None,
     )
 
     transform = ImageTransform(
@@ -148,6 +154,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
     stream = ShardStream(
         train_urls, tc.batch_size, transform, tokenizer, train=True, seed=tc.seed, rank=dist.rank,
         world_size=dist.world_size, shuffle_buffer=cfg.data.shuffle_buffer, start=data_start,
+        audio_transform=audio_transform_for(cfg.model.audio, train=True) if cfg.model.audio.enabled else None,
     )  # fmt: skip
     position = StreamPosition(cfg.data.workers, data_start)
     batches = iter(make_loader(stream, cfg.data.workers))

@@ -30,3 +30,20 @@ def contrastive_loss(loss_fn: nn.Module, out: dict) -> torch.Tensor:
     if isinstance(loss_fn, SigLipLoss):
         return loss_fn(image, text, scale, out["logit_bias"].float())
     return loss_fn(image, text, scale)
+
+
+def audio_binding_loss(out: dict, has_audio: torch.Tensor) -> torch.Tensor:
+    """Mean of the audio<->text and audio<->image InfoNCE losses over the samples that have audio.
+
+    Negatives are the other local samples with audio (not gathered across ranks: their count differs per rank).
+    With fewer than two such samples there is nothing to contrast: the loss is a zero that still touches every
+    audio parameter, so DDP finds a gradient for each of them.
+    """
+    audio = out["audio_features"]
+    if int(has_audio.sum()) < 2:
+        return audio.sum() * 0.0
+    a = audio[has_audio].float()
+    scale = out["logit_scale"].float()
+    local = ClipLoss()  # world_size 1: plain symmetric InfoNCE over these rows
+    text, image = out["text_features"][has_audio].float(), out["image_features"][has_audio].float()
+    return (local(a, text, scale) + local(a, image, scale)) / 2

@@ -20,14 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmfusion.train.losses import contrastive_loss
+from mmfusion.train.losses import audio_binding_loss, contrastive_loss
 
 
 def _inputs(batch: dict, device: torch.device) -> dict:
-    return {
-        "image": batch["image"].to(device, non_blocking=True),
-        "text": batch["text"].to(device, non_blocking=True),
-    }
+    keys = ("image", "text", "audio", "has_audio") if "audio" in batch else ("image", "text")
+    return {k: batch[k].to(device, non_blocking=True) for k in keys}
 
 
 @dataclass(frozen=True)
@@ -48,12 +46,22 @@ class ContrastiveTask:
         device: torch.device,
         autocast: AbstractContextManager | None = None,
         fusion: FusionWeights | None = None,
+        audio_weight: float | None = None,
     ):
         self.loss_fn = loss_fn
         self.device = device
         self.autocast = autocast or nullcontext()
         self.fusion = fusion
+        self.audio_weight = audio_weight  # None: no audio tower
 
+    def _audio_term(self, out: dict, x: dict, share: float, totals: dict[str, float]) -> torch.Tensor | float:
+        """This micro-batch's weighted audio binding loss (samples without audio are masked out)."""
+        if self.audio_weight is None:
+            return 0.0
+        loss = audio_binding_loss(out, x["has_audio"])
+        totals["audio_loss"] = totals.get("audio_loss", 0.0) + share * loss.item()
+        totals["audio_share"] = totals.get("audio_share", 0.0) + share * x["has_audio"].float().mean().item()
+        return share * self.audio_weight * loss
     def _fusion_terms(self, out: dict, share: float, totals: dict[str, float]) -> torch.Tensor:
         """This micro-batch's weighted captioning + matching loss; accumulates the logged values."""
         for key in ("caption_loss", "match_loss", "match_acc"):
@@ -74,8 +82,9 @@ class ContrastiveTask:
                 out = model(inputs[0], fusion=fused)
             contrastive = contrastive_loss(self.loss_fn, out)
             loss = w_contrastive * contrastive + (self._fusion_terms(out, 1.0, metrics) if fused else 0.0)
+            loss = loss + self._audio_term(out, inputs[0], 1.0, metrics)
             loss.backward()
-            if fused:
+            if fused or self.audio_weight is not None:
                 metrics["contrastive_loss"] = contrastive.item()
             return loss.item(), {"logit_scale": out["logit_scale"].item(), **metrics}
 
@@ -99,9 +108,13 @@ class ContrastiveTask:
             loss = w_contrastive * contrastive
             if fused:
                 loss = loss + self._fusion_terms(out, 1.0 / len(inputs), metrics)
+            loss = loss + self._audio_term(out, x, 1.0 / len(inputs), metrics)
             loss.backward()
         total = w_contrastive * contrastive.item()
-        if fused:
+        if fused or self.audio_weight is not None:
             metrics["contrastive_loss"] = contrastive.item()
+        if fused:
             total += self.fusion.caption * metrics["caption_loss"] + self.fusion.match * metrics["match_loss"]
+        if self.audio_weight is not None:
+            total += self.audio_weight * metrics["audio_loss"]
         return total, {"logit_scale": out["logit_scale"].item(), **metrics}
