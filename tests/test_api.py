@@ -133,3 +133,46 @@ def test_make_shards_from_tables(tmp_path, capsys):
     assert "row 1 needs 'path' and 'caption'" in capsys.readouterr().err
     assert tool.main(["--table", str(tmp_path / "table.csv"), "--out", str(tmp_path / "x.jpg")]) == 2
     assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_make_shards_audio_column(tmp_path, capsys):
+    import tarfile
+
+    import numpy as np
+    import soundfile as sf
+
+    (tmp_path / "x.jpg").write_bytes(_jpeg((10, 20, 30)))
+    tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(8000) / 16000)
+    sf.write(tmp_path / "good.wav", tone, 16000, subtype="PCM_16")
+    sf.write(tmp_path / "loud.FLAC", tone, 8000, format="FLAC")  # suffix case does not matter
+    sf.write(tmp_path / "disguised.wav", tone, 8000, format="FLAC")  # FLAC bytes under a .wav name
+    (tmp_path / "notes.wav").write_text("not audio at all")
+    rows = ["with wav,good.wav", "with flac,loud.FLAC", "gone,missing.wav", "text,notes.wav", "silent,"]
+    rows.append("flac as wav,disguised.wav")
+    table = tmp_path / "clips.csv"
+    table.write_text("path,caption,audio\n" + "".join(f"x.jpg,{row}\n" for row in rows))
+    out = tmp_path / "shards"
+    assert load_tool("make_shards").main(["--table", str(table), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "wrote 3 samples in 1 shards" in captured.out and "skipped 3" in captured.out
+    skipped = [line for line in captured.err.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 3
+    for name in ("missing.wav", "notes.wav", "disguised.wav"):  # one line per bad file, as for images
+        assert sum(line.startswith(f"skipped {tmp_path / name}: not a readable WAV/FLAC file") for line in skipped) == 1
+    with tarfile.open(out / "000000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert members["000000000.wav"] == (tmp_path / "good.wav").read_bytes()
+    assert members["000000001.flac"] == (tmp_path / "loud.FLAC").read_bytes()
+    assert members["000000002.txt"] == b"silent"  # the empty audio cell: a sample without an audio member
+    assert sorted(members) == sorted(
+        ["000000000.jpg", "000000000.txt", "000000000.wav", "000000000.json"]
+        + ["000000001.jpg", "000000001.txt", "000000001.flac", "000000001.json"]
+        + ["000000002.jpg", "000000002.txt", "000000002.json"]
+    )
+    assert json.loads(members["000000000.json"])["audio"] == "good.wav"
+    # jsonl: a null or missing audio value also means no audio
+    lines = [{"path": "x.jpg", "caption": "a", "audio": None}, {"path": "x.jpg", "caption": "b", "audio": "good.wav"}]
+    (tmp_path / "clips.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert load_tool("make_shards").main(["--table", str(tmp_path / "clips.jsonl"), "--out", str(tmp_path / "j")]) == 0
+    with tarfile.open(tmp_path / "j" / "000000.tar") as tar:
+        assert [n for n in tar.getnames() if n.endswith(".wav")] == ["000000001.wav"]

@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""Pack captioned images into webdataset shards (img2dataset/open_clip convention).
+"""Pack captioned images, optionally with audio, into webdataset shards (img2dataset/open_clip convention).
 
 Two inputs:
   --images DIR     every image under DIR with a sidecar caption file of the same stem (cat.jpg + cat.txt)
-  --table FILE     a .csv with a header (path,caption[,more columns]) or a .jsonl of {"path", "caption", ...};
-                   relative paths are resolved against the table's folder
+  --table FILE     a .csv with a header (path,caption[,audio][,more columns]) or a .jsonl of
+                   {"path", "caption", ["audio",] ...}; relative paths are resolved against the table's folder
 
-Unreadable images and images without a caption are skipped, listed at the end, and counted; shards
-are written atomically, so an interrupted run leaves no half-written shard.
+The optional audio column names a WAV or FLAC file, stored as-is as the sample's .wav or .flac member
+(by its suffix, any case); an empty cell means that sample has no audio.
+
+Unreadable images, images without a caption and rows whose audio is missing, unreadable or not
+WAV/FLAC are skipped, listed at the end (one line per bad file), and counted; shards are written
+atomically, so an interrupted run leaves no half-written shard.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="folder of images with sidecar .txt captions")
-    source.add_argument("--table", help="csv or jsonl with path and caption columns")
+    source.add_argument("--table", help="csv or jsonl with path and caption columns, optionally audio")
     parser.add_argument("--out", required=True, help="output folder for 000000.tar, 000001.tar, ...")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     args = parser.parse_args(argv)

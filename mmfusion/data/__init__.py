@@ -25,7 +25,12 @@ def resolve_shards(pattern: str, data: DataConfig, image_size: int, split: str) 
         from mmfusion.data.synthetic import ensure_synthetic_dataset
 
         patterns = ensure_synthetic_dataset(
-            data.synthetic_dir, data.synthetic_train, data.synthetic_val, data.synthetic_seed, image_size
+            data.synthetic_dir,
+            data.synthetic_train,
+            data.synthetic_val,
+            data.synthetic_seed,
+            image_size,
+            audio=data.synthetic_audio,
         )
         pattern = patterns[split]
     return expand_shards(pattern)

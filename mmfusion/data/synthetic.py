@@ -3,7 +3,9 @@
 Scenes hold 1-3 flat-coloured shapes (8 shapes x 10 colours x 2 sizes) placed on a 3x3 grid of positions over
 low-saturation plain, gradient or lightly noisy backgrounds. Each sample is an antialiased PNG, a short natural
 caption and a JSON record of the exact objects, written as webdataset shards in the img2dataset layout
-(``<key>.png``, ``<key>.txt``, ``<key>.json``).
+(``<key>.png``, ``<key>.txt``, ``<key>.json``). With ``audio=True`` every sample also carries ``<key>.flac``, a
+1 s 8 kHz clip that encodes the same objects (see :mod:`mmfusion.data.synthetic_audio`); the other members keep
+exactly the bytes they have without audio.
 
 A fixed set of colour-shape combinations (``HELDOUT_COMBOS``) never appears in training while about 30% of
 validation samples contain one, so compositional generalisation can be measured as in CLEVR-CoGenT
@@ -322,29 +324,39 @@ def _sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
 
 
-def make_sample(index: int, split: str, seed: int, image_size: int = 64) -> dict:
-    """One webdataset sample: ``{"__key__", "png", "txt", "json"}``, a pure function of its arguments."""
+def make_sample(index: int, split: str, seed: int, image_size: int = 64, audio: bool = False) -> dict:
+    """One webdataset sample: ``{"__key__", "png", "txt", "json"}``, a pure function of its arguments.
+
+    ``audio=True`` adds ``"flac"``, the scene's sound clip; it draws nothing from the sample's generator, so the
+    other members are byte-identical to the sample without audio.
+    """
     rng = _sample_rng(seed, split, index)
     scene = sample_scene(rng, split)
     caption = caption_scene(scene, rng)
     buf = io.BytesIO()
     render_scene(scene, image_size).save(buf, format="PNG")
     meta = {**scene, "caption": caption, "split": split, "index": index, "seed": seed, "image_size": image_size}
-    return {
+    sample = {
         "__key__": f"{split}-{index:07d}",
         "png": buf.getvalue(),
         "txt": caption.encode("utf-8"),
         "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
     }
+    if audio:
+        # Imported here: synthetic_audio imports this module's constants, and image-only runs need no soundfile.
+        from mmfusion.data.synthetic_audio import SAMPLE_RATE, encode_flac, render_audio
+
+        sample["flac"] = encode_flac(render_audio(scene), SAMPLE_RATE)
+    return sample
 
 
-def _atomic_write_shard(job: tuple[str, int, int, str, int, int]) -> str:
-    path, start, stop, split, seed, image_size = job
+def _atomic_write_shard(job: tuple[str, int, int, str, int, int, bool]) -> str:
+    path, start, stop, split, seed, image_size, audio = job
     # The pid keeps concurrent writers (e.g. several ranks) apart; os.replace makes the shard appear whole.
     tmp = f"{path}.tmp{os.getpid()}"
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for index in range(start, stop):
-            add_sample(tar, make_sample(index, split, seed, image_size))
+            add_sample(tar, make_sample(index, split, seed, image_size, audio))
     os.replace(tmp, path)
     return path
 
@@ -357,11 +369,13 @@ def write_synthetic_shards(
     image_size: int = 64,
     samples_per_shard: int = 1000,
     processes: int | None = None,
+    audio: bool = False,
 ) -> str:
     """Write ``n`` samples as ``out_dir/{split}-000000.tar ...`` and return their brace pattern.
 
     Work is skipped when ``out_dir/{split}.manifest.json`` matches the request and every shard exists. By default
-    two worker processes are used above 2000 samples; the bytes do not depend on ``processes``.
+    two worker processes are used above 2000 samples; the bytes do not depend on ``processes``. ``audio=True``
+    adds a ``.flac`` member to every sample (see :func:`make_sample`).
     """
     if n < 1 or samples_per_shard < 1:
         raise ValueError(f"need n >= 1 and samples_per_shard >= 1, got {n} and {samples_per_shard}")
@@ -374,6 +388,12 @@ def write_synthetic_shards(
     pattern = str(out / f"{split}-{{{0:06d}..{n_shards - 1:06d}}}.tar")
     manifest = {"version": VERSION, "split": split, "n": n, "seed": seed, "image_size": image_size}
     manifest.update(samples_per_shard=samples_per_shard, shards=names)
+    if audio:
+        # Only audio manifests carry this key, so image-only manifests (and their caches) stay as they were, while
+        # a change to the audio renderer (AUDIO_VERSION) rebuilds audio shards alone.
+        from mmfusion.data.synthetic_audio import AUDIO_VERSION, DURATION, SAMPLE_RATE
+
+        manifest["audio"] = {"version": AUDIO_VERSION, "sample_rate": SAMPLE_RATE, "duration": DURATION}
     manifest_path = out / f"{split}.manifest.json"
     if manifest_path.is_file() and all((out / name).is_file() for name in names):
         try:
@@ -387,13 +407,14 @@ def write_synthetic_shards(
         if stale.name not in names:
             stale.unlink()
     jobs = [
-        (str(out / name), i * samples_per_shard, min(n, (i + 1) * samples_per_shard), split, seed, image_size)
+        (str(out / name), i * samples_per_shard, min(n, (i + 1) * samples_per_shard), split, seed, image_size, audio)
         for i, name in enumerate(names)
     ]
     processes = processes if processes is not None else (2 if n > 2000 else 1)
     if processes > 1 and len(jobs) > 1:
         # fork where we can: a spawned worker re-imports the whole mmfusion package (torch included, seconds per
-        # worker). Workers only touch numpy, PIL and tarfile, never torch, so threads held by the caller are safe.
+        # worker). Workers only touch numpy, PIL, soundfile and tarfile, never torch, so threads held by the caller
+        # are safe.
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         with multiprocessing.get_context(method).Pool(min(processes, len(jobs))) as pool:
             for _ in pool.imap_unordered(_atomic_write_shard, jobs):
@@ -408,11 +429,16 @@ def write_synthetic_shards(
 
 
 def ensure_synthetic_dataset(
-    root: str | os.PathLike, n_train: int, n_val: int, seed: int = 0, image_size: int = 64
+    root: str | os.PathLike, n_train: int, n_val: int, seed: int = 0, image_size: int = 64, audio: bool = False
 ) -> dict[str, str]:
-    """Build (or reuse) train and val shards under ``root/seed{seed}-px{image_size}-n{n_train}-{n_val}``."""
-    out = Path(root) / f"seed{seed}-px{image_size}-n{n_train}-{n_val}"
+    """Build (or reuse) train and val shards under ``root/seed{seed}-px{image_size}-n{n_train}-{n_val}``.
+
+    With ``audio=True`` the folder name ends in ``-audio``: image-only and audio shards never share a folder, so
+    neither variant's cache ever rebuilds or serves the other.
+    """
+    out = Path(root) / f"seed{seed}-px{image_size}-n{n_train}-{n_val}{'-audio' if audio else ''}"
+    kw = {"seed": seed, "image_size": image_size, "audio": audio}
     return {
-        "train": write_synthetic_shards(out, "train", n_train, seed=seed, image_size=image_size),
-        "val": write_synthetic_shards(out, "val", n_val, seed=seed, image_size=image_size),
+        "train": write_synthetic_shards(out, "train", n_train, **kw),
+        "val": write_synthetic_shards(out, "val", n_val, **kw),
     }

@@ -1,11 +1,11 @@
-"""Writing webdataset shards from a folder of captioned images or a csv/jsonl table.
+"""Writing webdataset shards from a folder of captioned images or a csv/jsonl table (optionally with audio).
 
 Every shard is written under a temporary name and renamed into place, so a crash never leaves a
 half-written ``.tar`` that a later training run would read as truncated. Members carry mtime 0 and
 uid/gid 0, so the same input gives byte-identical shards.
 
-Inputs that cannot be used (not an image, a missing caption, a missing file) are skipped and
-returned in the report with the reason; they never stop the run.
+Inputs that cannot be used (not an image, a missing caption, a missing file, audio that is not a
+decodable WAV/FLAC file) are skipped and returned in the report with the reason; they never stop the run.
 """
 
 from __future__ import annotations
@@ -19,11 +19,18 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+import soundfile as sf
 from PIL import Image
+
+from mmfusion.data.audio import load_audio
 
 KEEP_AS_IS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 FOLDER_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+AUDIO_MEMBERS = {".wav": "wav", ".flac": "flac"}  # audio file suffix (any case) -> sample member name
+# soundfile container names accepted under each member: WAVEX and RF64 are WAV variants that keep the .wav suffix.
+AUDIO_FORMATS = {"wav": {"WAV", "WAVEX", "RF64"}, "flac": {"FLAC"}}
 
 
 def add_sample(tar: tarfile.TarFile, sample: dict) -> None:
@@ -96,6 +103,15 @@ class ShardWriter:
         self.abort() if exc_type else self.close()
 
 
+class ShardItem(NamedTuple):
+    """One input sample: image path, caption (None when missing), json metadata and an optional audio file."""
+
+    path: Path
+    caption: str | None
+    meta: dict
+    audio: Path | None = None
+
+
 @dataclass
 class ShardReport:
     written: int = 0
@@ -116,18 +132,48 @@ def encode_image_file(path: Path) -> tuple[str, bytes]:
         return "png", buffer.getvalue()
 
 
-def folder_items(images_dir: str | Path) -> Iterator[tuple[Path, str | None, dict]]:
+def encode_audio_file(path: Path) -> tuple[str, bytes]:
+    """Validate a WAV or FLAC file and return its member name (from the suffix) and its bytes, kept as they are.
+
+    Raises ``OSError`` for a file that cannot be read, ``ValueError`` for another suffix, bytes soundfile cannot
+    open or a container that does not match the suffix (a FLAC file named .wav would mislead readers that go by
+    the member name), and :class:`~mmfusion.data.audio.AudioLoadError` for audio that does not decode in full,
+    is empty or holds NaN/inf.
+    """
+    member = AUDIO_MEMBERS.get(path.suffix.lower())
+    if member is None:
+        raise ValueError(f"suffix {path.suffix!r} is not .wav or .flac")
+    data = path.read_bytes()
+    try:
+        info = sf.info(io.BytesIO(data))  # header only
+    except RuntimeError as err:  # soundfile's own message names the BytesIO object, not the file: keep its reason
+        raise ValueError(f"soundfile cannot open it ({getattr(err, 'error_string', err)})") from None
+    if info.format not in AUDIO_FORMATS[member]:
+        raise ValueError(f"the file holds {info.format} audio but is named .{member}")
+    # Full decode with the loader training uses, at the file's own rate so no time goes into resampling.
+    load_audio(data, sample_rate=info.samplerate)
+    return member, data
+
+
+def folder_items(images_dir: str | Path) -> Iterator[ShardItem]:
     """(image path, caption from the sidecar .txt or None, metadata) for each image under a folder."""
     root = Path(images_dir)
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in FOLDER_SUFFIXES and p.is_file()):
         sidecar = path.with_suffix(".txt")
         caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.is_file() else None
-        yield path, caption, {"path": str(path.relative_to(root))}
+        yield ShardItem(path, caption, {"path": str(path.relative_to(root))})
 
 
-def table_items(table: str | Path) -> Iterator[tuple[Path, str | None, dict]]:
+def _resolve(table: Path, cell: object) -> Path:
+    """A path cell of ``table``, relative ones taken from the table's folder."""
+    path = Path(str(cell))
+    return path if path.is_absolute() else table.parent / path
+
+
+def table_items(table: str | Path) -> Iterator[ShardItem]:
     """Rows of a csv (header with ``path`` and ``caption``) or jsonl table; relative paths are
-    resolved against the table's folder; other columns go into the sample's json."""
+    resolved against the table's folder; other columns go into the sample's json. An optional
+    ``audio`` column names a WAV/FLAC file for the sample; an empty cell means no audio."""
     table = Path(table)
     if table.suffix.lower() == ".jsonl":
         with open(table, encoding="utf-8") as f:
@@ -140,20 +186,26 @@ def table_items(table: str | Path) -> Iterator[tuple[Path, str | None, dict]]:
             found = ", ".join(map(str, row)) if isinstance(row, (dict, list)) else repr(row)
             raise ValueError(f"{table}: row {n} needs 'path' and 'caption' columns, found {found}")
     for row in rows:
-        path = Path(str(row["path"]))
-        if not path.is_absolute():
-            path = table.parent / path
         extra = {k: v for k, v in row.items() if k not in ("caption",)}
-        yield path, (str(row["caption"]).strip() if row.get("caption") is not None else None), extra
+        caption = str(row["caption"]).strip() if row.get("caption") is not None else None
+        # None: a jsonl null or a short csv row; "" or blanks: an empty cell. Both mean this sample has no audio.
+        audio = row.get("audio")
+        audio_path = _resolve(table, str(audio).strip()) if audio is not None and str(audio).strip() else None
+        yield ShardItem(_resolve(table, row["path"]), caption, extra, audio_path)
 
 
 def write_shards(
-    items: Iterable[tuple[Path, str | None, dict]], out_dir: str | Path, samples_per_shard: int = 1000, progress=None
+    items: Iterable[ShardItem | tuple], out_dir: str | Path, samples_per_shard: int = 1000, progress=None
 ) -> ShardReport:
-    """Write (image path, caption, metadata) items into shards; unusable items are skipped and listed."""
+    """Write (image path, caption, metadata[, audio path]) items into shards; unusable items are skipped and listed.
+
+    Audio is stored as-is under ``wav`` or ``flac`` by its suffix; an item whose audio is unusable is skipped
+    and listed under the audio file's path.
+    """
     report = ShardReport()
     with ShardWriter(out_dir, samples_per_shard=samples_per_shard) as writer:
-        for path, caption, meta in items:
+        for item in items:
+            path, caption, meta, audio = ShardItem(*item)  # plain 3-tuples (no audio) still work
             if progress is not None:
                 progress.update(1)
             if not caption:
@@ -165,6 +217,13 @@ def write_shards(
                 report.skipped.append((str(path), f"not a readable image ({type(exn).__name__}: {exn})"))
                 continue
             sample = {"__key__": f"{report.written:09d}", ext: data, "txt": caption.encode("utf-8")}
+            if audio is not None:
+                try:
+                    audio_ext, audio_data = encode_audio_file(audio)
+                except Exception as exn:  # missing, unreadable or not WAV/FLAC: skip the sample, keep going
+                    report.skipped.append((str(audio), f"not a readable WAV/FLAC file ({type(exn).__name__}: {exn})"))
+                    continue
+                sample[audio_ext] = audio_data
             sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
             writer.write(sample)
             report.written += 1

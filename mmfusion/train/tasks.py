@@ -62,6 +62,7 @@ class ContrastiveTask:
         totals["audio_loss"] = totals.get("audio_loss", 0.0) + share * loss.item()
         totals["audio_share"] = totals.get("audio_share", 0.0) + share * x["has_audio"].float().mean().item()
         return share * self.audio_weight * loss
+
     def _fusion_terms(self, out: dict, share: float, totals: dict[str, float]) -> torch.Tensor:
         """This micro-batch's weighted captioning + matching loss; accumulates the logged values."""
         for key in ("caption_loss", "match_loss", "match_acc"):
