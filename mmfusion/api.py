@@ -15,7 +15,8 @@ from PIL import Image
 from mmfusion.config import RunConfig, from_dict
 from mmfusion.data import ImageTransform, ShardStream, expand_shards, load_image, make_loader
 from mmfusion.data.audio import audio_transform_for
-from mmfusion.eval.retrieval import evaluate
+from mmfusion.data.transforms import to_pil_images
+from mmfusion.eval import EVALUATORS
 from mmfusion.models import CLIPModel, create_model, create_tokenizer
 from mmfusion.models.fusion import rerank_score
 from mmfusion.train import checkpoint as ckpt_io
@@ -105,7 +106,7 @@ class MMFusion:
     @property
     def has_fusion(self) -> bool:
         """Whether the model has the fusion head (captioning, matching, reranking)."""
-        return self.model.fusion is not None
+        return getattr(self.model, "fusion", None) is not None
 
     def _pixels(self, images: Sequence[ImageInput]) -> torch.Tensor:
         return torch.stack([self.preprocess(im) for im in images]).to(self.device)  # (B, 3, S, S)
@@ -206,10 +207,74 @@ class MMFusion:
             captions += [self.tokenizer.decode(t).strip() for t in ids]
         return captions
 
-    def evaluate(self, shards: str, batch_size: int = 128, workers: int = 1) -> dict[str, float]:
-        """Held-out retrieval (and zero-shot) metrics on shards, as ``tools/eval.py`` prints them."""
-        stream = ShardStream(expand_shards(shards), batch_size, self.transform, self.tokenizer, train=False)
-        return evaluate(self.model, self.tokenizer, make_loader(stream, workers), self.device)
+    # ---- generation (models trained with a text_to_image recipe; tokenizing also works on stage 1 alone) ----
+    def _require(self, attr: str, what: str):
+        if not hasattr(self.model, attr):
+            raise ValueError(f"this checkpoint has no {what} (model.kind={self.config.model.kind})")
+        return getattr(self.model, attr)
+
+    @torch.no_grad()
+    def tokenize_image(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+        """Images -> discrete image tokens, a LongTensor (B, h, w)."""
+        tokenizer = self._require("tokenizer", "image tokenizer")
+        images = [images] if isinstance(images, (Image.Image, str, Path, bytes)) else list(images)
+        return tokenizer.encode(self._pixels(images)).cpu()
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens: torch.Tensor) -> list[Image.Image]:
+        """Image tokens (B, h, w) (or one grid (h, w)) -> decoded RGB PIL images."""
+        tokenizer = self._require("tokenizer", "image tokenizer")
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        if tokens.dim() == 2:
+            tokens = tokens[None]
+        return to_pil_images(tokenizer.decode(tokens.to(self.device)))
+
+    def check_prompt(self, prompt: str) -> None:
+        """Raise ``ValueError`` for an empty prompt or one longer than the text context (it would be cut)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("the prompt is empty")
+        n, context = len(self.tokenizer.encode(prompt)) + 2, self.config.model.text.context_length  # + start, end
+        if n > context:
+            raise ValueError(f"the prompt is {n} tokens, more than the model's {context}: {prompt[:60]!r}")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        n: int = 1,
+        steps: int = 8,
+        guidance: float = 3.0,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 32,
+    ) -> list[Image.Image]:
+        """``n`` images per prompt (prompt-major order), decoded from tokens sampled by the generator in ``steps``
+        parallel steps with classifier-free ``guidance`` (1: none). The same ``seed`` gives the same images."""
+        self._require("generator", "text-to-image generator")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for p in prompts:
+            self.check_prompt(p)
+        if n < 1 or steps < 1:
+            raise ValueError("n and steps must be >= 1")
+        rng = torch.Generator(self.device).manual_seed(seed if seed is not None else torch.seed())
+        expanded = [p for p in prompts for _ in range(n)]
+        images = []
+        for i in range(0, len(expanded), batch_size):
+            tokens = self.tokenizer(expanded[i : i + batch_size]).to(self.device)
+            _, pixels = self.model.generate(tokens, steps, guidance, temperature, generator=rng)
+            images += to_pil_images(pixels)
+        return images
+
+    def evaluate(self, shards: str, batch_size: int = 128, workers: int = 1, **extra) -> dict[str, float]:
+        """Held-out metrics on shards, as ``tools/eval.py`` prints them: retrieval and zero-shot (plus fusion-head
+        and audio metrics) for contrastive models; PSNR and codebook use for an image tokenizer; validation loss and
+        generation metrics for text-to-image (``extra``: ``shape_classifier=``, ``clip=`` a contrastive model)."""
+        stream = ShardStream(
+            expand_shards(shards), batch_size, self.transform, self.tokenizer, train=False,
+            audio_transform=self.audio_transform,
+        )  # fmt: skip
+        evaluator = EVALUATORS[self.config.model.kind]
+        return evaluator(self.model, self.tokenizer, make_loader(stream, workers), self.device, **extra)
 
 
 def load(path: str | Path, device: str = "cpu") -> MMFusion:

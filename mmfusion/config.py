@@ -131,8 +131,45 @@ class AudioTowerConfig:
 
 
 @dataclass(frozen=True)
+class ImageTokenizerConfig:
+    """Stage 1 of generation: ``len(channels) - 1`` stride-2 downsamplings give a grid of side
+    ``image_size / 2 ** (len(channels) - 1)``; ``levels`` are the FSQ levels per latent dimension."""
+
+    image_size: int = 64
+    channels: tuple[int, ...] = (64, 128, 256)
+    levels: tuple[int, ...] = (8, 5, 5, 5)  # codebook of 8 * 5 * 5 * 5 = 1000
+    blocks: int = 1  # residual blocks per resolution, in the encoder and the decoder
+
+    def __post_init__(self):
+        _check(len(self.channels) >= 1 and min(self.channels) > 0, "image_tokenizer.channels must be positive")
+        _check(len(self.levels) >= 1 and min(self.levels) >= 2, "image_tokenizer.levels must be >= 2")
+        _check(self.image_size % 2 ** (len(self.channels) - 1) == 0, "image_tokenizer.image_size must divide evenly")
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Stage 2 of generation: the masked-token transformer conditioned on the text tower's token states."""
+
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    cond_dropout: float = 0.1  # share of training samples trained without text, for classifier-free guidance
+
+    def __post_init__(self):
+        _check_positive(self, "width", "depth", "heads")
+        _check(self.width % self.heads == 0, "generator.width must be a multiple of generator.heads")
+        _check(0 <= self.cond_dropout < 1, "generator.cond_dropout must be in [0, 1)")
+
+
+MODEL_KINDS = ("clip", "image_tokenizer", "text_to_image")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny"
+    # "clip": the towers (+ fusion head, audio); "image_tokenizer" / "text_to_image": the two generation stages.
+    kind: str = "clip"
     embed_dim: int = 256
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -142,8 +179,13 @@ class ModelConfig:
     init_logit_bias: float = -10.0  # SigLIP's initial bias
     fusion: FusionConfig = field(default_factory=FusionConfig)
     audio: AudioTowerConfig = field(default_factory=AudioTowerConfig)
+    image_tokenizer: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    # text_to_image: the stage-1 checkpoint whose tokenizer weights start stage 2 (tools/train.py sets it).
+    tokenizer_checkpoint: str = ""
 
     def __post_init__(self):
+        _check_choice(self.kind, MODEL_KINDS, "model.kind")
         if self.fusion.enabled:
             _check(self.text.width % self.fusion.heads == 0, "text.width must be a multiple of fusion.heads")
             _check(self.fusion.vocab_cutoffs[-1] < self.text.vocab_size, "fusion.vocab_cutoffs must be < vocab_size")
@@ -202,6 +244,9 @@ class TrainConfig:
     caption_weight: float = 2.0
     match_weight: float = 1.0
     audio_weight: float = 1.0  # weight of the mean of the audio<->text and audio<->image losses
+    # text_to_image recipes: stage 1 (the image tokenizer) trains for this many steps at this learning rate.
+    tokenizer_steps: int = 300
+    tokenizer_lr: float = 1e-3
 
     def __post_init__(self):
         _check_choice(self.loss, ("clip", "siglip"), "train.loss")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mmfusion.models.generator import (
-    GeneratorConfig,
     TokenGenerator,
+    TokenGeneratorConfig,
     cosine_schedule,
     guided_logits,
     masked_cross_entropy,
@@ -23,7 +23,7 @@ from mmfusion.models.image_tokenizer import (
 )
 
 TINY_TOKENIZER = ImageTokenizerConfig(image_size=32, channels=(16, 32))  # 16x16 grid, default levels (8, 5, 5, 5)
-TINY_GENERATOR = GeneratorConfig(codebook_size=16, grid_size=8, width=32, depth=1, heads=2, text_width=8)
+TINY_GENERATOR = TokenGeneratorConfig(codebook_size=16, grid_size=8, width=32, depth=1, heads=2, text_width=8)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -149,7 +149,7 @@ def test_short_tokenizer_training_reconstructs_beyond_what_a_broken_quantiser_co
 
 def _generator(**overrides) -> TokenGenerator:
     torch.manual_seed(0)
-    cfg = GeneratorConfig(**{**TINY_GENERATOR.__dict__, **overrides})
+    cfg = TokenGeneratorConfig(**{**TINY_GENERATOR.__dict__, **overrides})
     return TokenGenerator(cfg)
 
 

@@ -21,6 +21,7 @@ examples:
   torchrun --nproc_per_node=2 tools/train.py --config configs/small.yaml ...
   python tools/train.py --resume runs/mine                    # continue at the exact sample it stopped at
   python tools/train.py --resume runs/mine train.epochs=10    # ... and train for longer
+  python tools/train.py --config configs/tiny-gen.yaml         # stage 1: image tokenizer, stage 2: generator
 """
 
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmfusion.cli import error_line, setup_logging
     from mmfusion.config import ConfigError, apply_overrides, load_config
     from mmfusion.data import ShardError
-    from mmfusion.train import config_from_run, train
+    from mmfusion.train import config_from_run, train_stages
     from mmfusion.train.checkpoint import CheckpointError
 
     setup_logging(verbose=True)
@@ -54,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config, args.overrides)
             run_dir = args.run_dir
-        train(cfg, run_dir=run_dir, resume=bool(args.resume), progress=not args.no_progress)
+        if run_dir is None and cfg.model.kind == "text_to_image":
+            from mmfusion.train.loop import default_run_dir
+
+            run_dir = default_run_dir(cfg)
+        train_stages(cfg, run_dir=run_dir, resume=bool(args.resume), progress=not args.no_progress)
     except (ConfigError, ShardError, CheckpointError) as exn:
         print(f"error: {error_line(exn)}", file=sys.stderr)
         return 2

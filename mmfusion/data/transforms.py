@@ -115,3 +115,9 @@ class ImageTransform:
         array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (S, S, 3)
         tensor = array.permute(2, 0, 1).float().div_(255.0)  # (3, S, S)
         return (tensor - self.mean) / self.std
+
+
+def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) images in [-1, 1] (e.g. a decoder's output) -> RGB PIL images."""
+    arrays = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a, "RGB") for a in arrays]

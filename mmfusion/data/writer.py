@@ -229,3 +229,26 @@ def write_shards(
             report.written += 1
     report.shards = writer.shards
     return report
+
+
+def save_image_grid(images: list, path: str | Path, columns: int | None = None, pad: int = 2) -> Path:
+    """Tile PIL images (all the same size) into one PNG, written atomically (temporary file + rename)."""
+    if not images:
+        raise ValueError("no images to save")
+    columns = columns or min(len(images), max(1, round(len(images) ** 0.5 + 0.5)))
+    rows = -(-len(images) // columns)
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
+    for i, image in enumerate(images):
+        grid.paste(image.convert("RGB"), (pad + (i % columns) * (w + pad), pad + (i // columns) * (h + pad)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            grid.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -212,6 +212,17 @@ def _parse_mentions(caption: str) -> list[_Mention]:
     return [value for kind, value in items if kind == "np"]
 
 
+def parse_mentions(caption: str) -> list[dict[str, str | None]]:
+    """Object mentions of a synthetic-dataset caption (or a text-to-image prompt in the same language), in order.
+
+    Each is ``{"color", "shape", "size", "position"}``: the canonical shape name (synonyms mapped), and ``None`` for
+    any other attribute the text does not state. Parsing rules are those of :func:`attribute_accuracy`.
+    """
+    return [
+        {"color": m.color, "shape": m.shape, "size": m.size, "position": m.position} for m in _parse_mentions(caption)
+    ]
+
+
 def _agreement(mention: _Mention, obj: dict) -> int:
     """How many of size and position ``mention`` gets right for ``obj``: the tie-break between candidates."""
     return (mention.size == obj["size"]) + (mention.position == obj["position"])

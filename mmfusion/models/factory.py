@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from mmfusion.config import ModelConfig, RunConfig, from_dict, list_configs, load_config, to_dict
 from mmfusion.models.clip import CLIPModel
+from mmfusion.models.text_to_image import ImageTokenizerModel, TextToImageModel
 
 
 def list_models() -> list[str]:
@@ -36,6 +39,11 @@ def resolve_model_config(name_or_cfg: str | ModelConfig | RunConfig = "tiny", **
     return cfg
 
 
-def create_model(name_or_cfg: str | ModelConfig | RunConfig = "tiny", **overrides: Any) -> CLIPModel:
-    """Build a randomly initialised model from a config name (``"tiny"``), a YAML path or a config."""
-    return CLIPModel(resolve_model_config(name_or_cfg, **overrides))
+MODELS = {"clip": CLIPModel, "image_tokenizer": ImageTokenizerModel, "text_to_image": TextToImageModel}
+
+
+def create_model(name_or_cfg: str | ModelConfig | RunConfig = "tiny", **overrides: Any) -> nn.Module:
+    """Build a randomly initialised model from a config name (``"tiny"``), a YAML path or a config;
+    ``model.kind`` picks the class (the CLIP model by default, or a generation stage)."""
+    cfg = resolve_model_config(name_or_cfg, **overrides)
+    return MODELS[cfg.kind](cfg)

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 
 @dataclass(frozen=True)
-class GeneratorConfig:
+class TokenGeneratorConfig:
     """Size of the token generator; ``cond_dropout`` is the share of training samples trained unconditionally."""
 
     codebook_size: int = 1000
@@ -81,9 +81,9 @@ def _gumbel(shape: tuple[int, ...], generator: torch.Generator | None, device: t
 class TokenGenerator(nn.Module):
     """Bidirectional transformer over (B, N) image tokens that cross-attends to text states (B, L, text_width)."""
 
-    def __init__(self, cfg: GeneratorConfig | None = None):
+    def __init__(self, cfg: TokenGeneratorConfig | None = None):
         super().__init__()
-        cfg = cfg or GeneratorConfig()
+        cfg = cfg or TokenGeneratorConfig()
         self.cfg = cfg
         self.codebook_size = cfg.codebook_size
         self.num_tokens = cfg.grid_size**2

@@ -28,22 +28,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-@dataclass(frozen=True)
-class ImageTokenizerConfig:
-    """Shape of the tokenizer: ``len(channels) - 1`` stride-2 downsamplings give a grid of side
-    ``image_size / 2 ** (len(channels) - 1)``; ``levels`` are the FSQ levels per latent dimension."""
-
-    image_size: int = 64
-    channels: tuple[int, ...] = (64, 128, 256)
-    levels: tuple[int, ...] = (8, 5, 5, 5)
-    blocks: int = 1  # residual blocks per resolution, in the encoder and the decoder
+from mmfusion.config import ImageTokenizerConfig
 
 
 def _radix_basis(levels: Sequence[int], device: torch.device | None = None) -> torch.Tensor:

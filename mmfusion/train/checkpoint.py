@@ -129,11 +129,21 @@ def update_state(ckpt: Path, **fields: Any) -> None:
     atomic_write_text(ckpt / STATE, json.dumps(state, indent=1))
 
 
+STAGES = "stages.json"  # in a multi-stage run directory: {"stages": [sub-run names, in training order]}
+
+
 def find_checkpoint(path: str | Path) -> Path:
-    """Resolve a run directory (its latest checkpoint) or a checkpoint directory."""
+    """Resolve a run directory (its latest checkpoint), a checkpoint directory, or a multi-stage run
+    directory (the latest checkpoint of its last stage, which holds the whole model)."""
     path = Path(path)
     if (path / WEIGHTS).is_file() and (path / STATE).is_file():
         return path
+    if (path / STAGES).is_file():
+        try:
+            last = json.loads((path / STAGES).read_text())["stages"][-1]
+        except (ValueError, KeyError, IndexError) as exn:
+            raise CheckpointError(f"{path / STAGES}: unreadable ({exn})") from None
+        return find_checkpoint(path / last)
     latest = path / "checkpoints" / LATEST
     if latest.is_file():
         try:
@@ -166,6 +176,24 @@ def load_weights(ckpt: Path, model: nn.Module) -> None:
     except RuntimeError as exn:  # the config changed since the weights were saved
         first = str(exn).strip().splitlines()[0]
         raise CheckpointError(f"{ckpt / WEIGHTS}: does not fit the model config ({first})") from None
+
+
+def load_submodule(path: str | Path, model: nn.Module, prefix: str) -> None:
+    """Load the ``prefix.*`` weights of the checkpoint at ``path`` (a run or checkpoint directory) into
+    ``model.<prefix>``, e.g. stage 1's image tokenizer into the stage-2 model."""
+    if not str(path):
+        raise CheckpointError(f"model.{prefix}_checkpoint is not set: train stage 1 first (tools/train.py does)")
+    ckpt = find_checkpoint(path)
+    try:
+        tensors = load_file(str(ckpt / WEIGHTS))
+    except Exception as exn:
+        raise CheckpointError(f"{ckpt / WEIGHTS}: cannot read weights ({exn})") from None
+    part = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    try:
+        getattr(model, prefix).load_state_dict(part, strict=True)
+    except RuntimeError as exn:
+        first = str(exn).strip().splitlines()[0]
+        raise CheckpointError(f"{ckpt / WEIGHTS}: its {prefix} does not fit the model config ({first})") from None
 
 
 def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:

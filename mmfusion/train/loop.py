@@ -23,7 +23,7 @@ from tqdm import tqdm
 from mmfusion.config import RunConfig, from_dict, to_dict
 from mmfusion.data import ImageTransform, ShardStream, StreamPosition, count_samples, make_loader, resolve_shards
 from mmfusion.data.audio import audio_transform_for
-from mmfusion.eval.retrieval import evaluate
+from mmfusion.eval import EVALUATORS
 from mmfusion.models import create_model, create_tokenizer
 from mmfusion.train import checkpoint as ckpt_io
 from mmfusion.train.dist import (
@@ -39,7 +39,7 @@ from mmfusion.train.dist import (
 from mmfusion.train.losses import create_contrastive_loss
 from mmfusion.train.optim import create_optimizer, lr_at
 from mmfusion.train.precision import ComputeContext
-from mmfusion.train.tasks import ContrastiveTask, FusionWeights
+from mmfusion.train.tasks import ContrastiveTask, FusionWeights, LossTask
 
 log = logging.getLogger("mmfusion.train")
 DATA_WAIT_WARNING = 0.3  # warn when more than this share of step time is spent waiting for data
@@ -50,7 +50,10 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 
 def config_from_run(run_dir: str | Path) -> RunConfig:
-    """The resolved config a run (or checkpoint) was trained with."""
+    """The resolved config a run (or checkpoint) was trained with; for a multi-stage run, the whole recipe."""
+    run_dir = Path(run_dir)
+    if (run_dir / ckpt_io.STAGES).is_file():
+        return from_dict(RunConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
     state = ckpt_io.read_state(ckpt_io.find_checkpoint(run_dir))
     return from_dict(RunConfig, state["config"])
 
@@ -110,7 +113,10 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
     tokenizer = create_tokenizer(cfg.model.text.context_length)
 
     # ---- model, optimizer, resume ------------------------------------------------------------
-    model = create_model(cfg.model).to(dist.device)
+    model = create_model(cfg.model)
+    if cfg.model.kind == "text_to_image" and not resume:
+        ckpt_io.load_submodule(cfg.model.tokenizer_checkpoint, model, "tokenizer")  # stage 1's weights, frozen
+    model = model.to(dist.device)
     if tc.grad_checkpointing:
         model.set_grad_checkpointing(True)
     optimizer = create_optimizer(model, tc)
@@ -137,16 +143,21 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
     )
     if tc.compile:
         train_model = torch.compile(train_model)
-    fusion_weights = (
-        FusionWeights(tc.contrastive_weight, tc.caption_weight, tc.match_weight) if cfg.model.fusion.enabled else None
-    )
-    task = ContrastiveTask(
-        create_contrastive_loss(tc.loss, dist.rank, dist.world_size),
-        dist.device,
-        autocast,
-        fusion_weights,
-        audio_weight=tc.audio_weight if cfg.model.audio.enabled else None,
-    )
+    if cfg.model.kind == "clip":
+        fusion_weights = (
+            FusionWeights(tc.contrastive_weight, tc.caption_weight, tc.match_weight)
+            if cfg.model.fusion.enabled
+            else None
+        )
+        task = ContrastiveTask(
+            create_contrastive_loss(tc.loss, dist.rank, dist.world_size),
+            dist.device,
+            autocast,
+            fusion_weights,
+            audio_weight=tc.audio_weight if cfg.model.audio.enabled else None,
+        )
+    else:  # the generation stages compute their own loss
+        task = LossTask(dist.device, autocast)
 
     transform = ImageTransform(
         image_size, cfg.model.preprocess, train=True, crop_scale_min=cfg.data.crop_scale_min, hflip=cfg.data.hflip
@@ -194,7 +205,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
         if dist.is_main and val_urls:
             try:
                 loader = make_loader(eval_stream(cfg, val_urls, tokenizer), 0)
-                metrics = evaluate(unwrap(model), tokenizer, loader, dist.device, autocast)
+                metrics = EVALUATORS[cfg.model.kind](unwrap(model), tokenizer, loader, dist.device, autocast)
             except ValueError as exn:  # e.g. every held-out sample unreadable: report it, keep the run
                 log.warning("evaluation at step %d failed: %s", step, exn)
             _append_jsonl(metrics_path, {"step": step, "eval": metrics})
@@ -225,8 +236,9 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():  # CLIP caps the temperature at 100 to keep the logits stable
-            model.logit_scale.clamp_(0, math.log(100))
+        if hasattr(model, "logit_scale"):
+            with torch.no_grad():  # CLIP caps the temperature at 100 to keep the logits stable
+                model.logit_scale.clamp_(0, math.log(100))
         step += 1
         window_steps += 1
         bar.update(1)
@@ -274,8 +286,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
     final_metrics = run_eval(step)
     if final_metrics:
         last_metrics = final_metrics
-        if dist.is_main:
-            ckpt_io.update_state(ckpt_path, metrics=last_metrics)
+    if dist.is_main:  # "finished": a multi-stage recipe does not retrain this stage on --resume
+        ckpt_io.update_state(ckpt_path, metrics=last_metrics, finished=True)
     skipped_total = int(all_reduce_sum(dist, skipped_total))
     if writer:
         writer.close()
@@ -299,6 +311,9 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
 def format_metrics(metrics: dict) -> str:
     """A short human summary of held-out metrics."""
     parts = [f"held-out ({int(metrics.get('eval_samples', 0))} samples):"]
+    others = [k for k in metrics if "_to_" not in k and "zero_shot" not in k and "samples" not in k]
+    if others and not any(k.startswith("text_to_image") for k in metrics):  # not a contrastive model: list them
+        return "\n".join(parts + [f"  {k}: {metrics[k]:.2f}" for k in sorted(others)])
     for prefix, label in (("", "all"), ("unseen/", "unseen combinations")):
         keys = [f"{prefix}text_to_image_R@1", f"{prefix}text_to_image_R@5", f"{prefix}image_to_text_R@1"]
         if all(k in metrics for k in keys):

@@ -119,3 +119,28 @@ class ContrastiveTask:
         if self.audio_weight is not None:
             total += self.audio_weight * metrics["audio_loss"]
         return total, {"logit_scale": out["logit_scale"].item(), **metrics}
+
+
+class LossTask:
+    """For models whose forward returns their own ``loss`` (the generation stages): plain gradient accumulation,
+    each micro-batch's loss divided by their number; other scalar outputs are logged."""
+
+    name = "loss"
+
+    def __init__(self, device: torch.device, autocast: AbstractContextManager | None = None):
+        self.device = device
+        self.autocast = autocast or nullcontext()
+
+    def step(self, model: nn.Module, micro_batches: list[dict]) -> tuple[float, dict[str, float]]:
+        total, metrics = 0.0, {}
+        for j, batch in enumerate(micro_batches):
+            x = _inputs(batch, self.device)
+            sync = j == len(micro_batches) - 1
+            with model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext(), self.autocast:
+                out = model(x)
+            (out["loss"] / len(micro_batches)).backward()
+            total += out["loss"].item() / len(micro_batches)
+            for key, value in out.items():
+                if key != "loss" and (isinstance(value, float) or getattr(value, "ndim", 1) == 0):
+                    metrics[key] = metrics.get(key, 0.0) + float(value) / len(micro_batches)
+        return total, metrics

@@ -1,0 +1,94 @@
+"""The two generation stages as trainable models: ``model(batch) -> {"loss", ...}`` like every model.
+
+Stage 1, :class:`ImageTokenizerModel`, learns the FSQ autoencoder (:mod:`mmfusion.models.image_tokenizer`).
+Stage 2, :class:`TextToImageModel`, freezes that tokenizer and trains a text tower (open_clip's, as in the
+contrastive model) together with the masked-token generator (:mod:`mmfusion.models.generator`) that
+cross-attends to its token states. Images enter in [-1, 1] (``model.preprocess`` mean = std = 0.5).
+
+Why a fresh text tower rather than a contrastive model's: the run stays self-contained (one config, one
+command, no second checkpoint to keep in sync), and on the synthetic data the tower learns the few words it
+needs within the generator's budget. CLIP R-precision still uses a separately trained contrastive model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmfusion.config import ModelConfig
+from mmfusion.models.generator import TokenGenerator, TokenGeneratorConfig
+from mmfusion.models.image_tokenizer import ImageTokenizer
+from mmfusion.models.text import TextTower
+
+PAD = 0
+
+
+class ImageTokenizerModel(nn.Module):
+    """Stage 1: reconstruct images through the discrete bottleneck."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = ImageTokenizer(cfg.image_tokenizer)
+
+    def forward(self, batch: dict) -> dict:
+        out = self.tokenizer(batch["image"])
+        return {"loss": out["loss"], "recon": out["recon"], "tokens": out["tokens"]}
+
+
+class TextToImageModel(nn.Module):
+    """Stage 2: a frozen tokenizer, a text tower and the token generator."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = ImageTokenizer(cfg.image_tokenizer)
+        self.tokenizer.requires_grad_(False)
+        self.text = TextTower(cfg.text, cfg.embed_dim)
+        self.text.transformer.text_projection = None  # the generator reads token states, never the pooled vector
+        g = cfg.generator
+        spec = TokenGeneratorConfig(
+            codebook_size=self.tokenizer.codebook_size,
+            grid_size=self.tokenizer.grid_size,
+            width=g.width,
+            depth=g.depth,
+            heads=g.heads,
+            text_width=cfg.text.width,
+            cond_dropout=g.cond_dropout,
+            mlp_ratio=g.mlp_ratio,
+        )
+        self.generator = TokenGenerator(spec)
+
+    def train(self, mode: bool = True) -> TextToImageModel:
+        super().train(mode)
+        self.tokenizer.eval()  # frozen
+        return self
+
+    def _text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, states = self.text(tokens)  # (B, L, W)
+        return states, tokens != PAD
+
+    def forward(self, batch: dict) -> dict:
+        with torch.no_grad():
+            targets = self.tokenizer.encode(batch["image"]).flatten(1)  # (B, N)
+        states, mask = self._text(batch["text"])
+        loss, metrics = self.generator.loss(targets, states, mask)
+        return {"loss": loss, **{k: v for k, v in metrics.items() if k != "loss"}}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        text_tokens: torch.Tensor,
+        steps: int = 8,
+        guidance: float = 3.0,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) prompt token ids -> image tokens (B, h, w) and decoded images (B, 3, H, W) in [-1, 1]."""
+        states, mask = self._text(text_tokens)
+        ids = self.generator.sample(
+            states, mask, steps=steps, guidance=guidance, temperature=temperature, generator=generator
+        )  # (B, N)
+        grid = self.tokenizer.grid_size
+        tokens = ids.view(-1, grid, grid)
+        return tokens, self.tokenizer.decode(tokens)
