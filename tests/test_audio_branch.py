@@ -65,6 +65,15 @@ def test_audio_loss_uses_only_the_samples_with_audio():
     assert audio_binding_loss(out, has_audio).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_audio_binding_does_not_pull_on_the_image_text_space():
+    out = _features(6)
+    for key in ("text_features", "image_features", "logit_scale"):
+        out[key] = out[key].clone().requires_grad_(True)
+    audio_binding_loss(out, torch.ones(6, dtype=torch.bool)).backward()
+    assert out["audio_features"].grad.abs().sum() > 0
+    assert all(out[k].grad is None for k in ("text_features", "image_features", "logit_scale"))
+
+
 def test_audio_tower_reads_what_the_front_end_writes():
     front_end = AudioConfig()
     assert (audio_tower.SAMPLE_RATE, audio_tower.HOP_LENGTH) == (front_end.sample_rate, front_end.hop_length)
