@@ -12,7 +12,6 @@ import soundfile as sf
 import torch
 
 from mmfusion.config import ConfigError
-from mmfusion.data import audio
 from mmfusion.data.audio import (
     AudioConfig,
     AudioLoadError,
@@ -156,14 +155,12 @@ def test_resample_length_is_ceil(length: int, orig: int, new: int):
     assert resample(torch.zeros(length), orig, new).shape == (math.ceil(length * new / orig),)
 
 
-def test_resample_identity_batches_and_chunking(monkeypatch):
+def test_resample_identity_and_batches():
     x = torch.randn(2, 3, 2205)
     assert resample(x, 16000, 16000) is x
     y = resample(x, 22050, 16000)
     assert y.shape == (2, 3, 1600)
     torch.testing.assert_close(y[1, 2], resample(x[1, 2], 22050, 16000))
-    monkeypatch.setattr(audio, "_GATHER_BUDGET", 1000)  # many tiny chunks must give the same answer
-    torch.testing.assert_close(resample(x, 22050, 16000), y)
     with pytest.raises(ValueError):
         resample(x, 0, 16000)
 

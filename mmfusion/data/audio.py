@@ -36,7 +36,6 @@ LOG_SCALE = 5.0
 _ROLLOFF = 0.92
 _ZERO_CROSSINGS = 32  # sinc zero crossings on each side of the centre tap
 _KAISER_BETA = 8.0
-_GATHER_BUDGET = 1 << 22  # elements gathered per chunk: bounds memory on long clips
 
 AudioSource = str | Path | bytes | torch.Tensor | np.ndarray
 
@@ -140,18 +139,19 @@ def resample(waveform: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Ten
     table, half = _phase_filters(up, down, waveform.dtype)  # (up, K)
     length = waveform.shape[-1]
     n_out = -(-length * up // down)  # ceil
-    flat = torch.nn.functional.pad(waveform.reshape(-1, length), (half, half + 2))  # (B, half + T + half + 2)
-    out = waveform.new_empty(flat.shape[0], n_out)  # (B, T')
-    taps = torch.arange(table.shape[1])
-    # output n = q * up + p sits at input time q * down + p * down / up; phase_start is that second term's floor
-    phase_start = torch.arange(up) * down // up
-    chunk = max(1, _GATHER_BUDGET // (flat.shape[0] * table.shape[1]))
-    for begin in range(0, n_out, chunk):
-        n = torch.arange(begin, min(begin + chunk, n_out))
-        phase = n % up
-        start = (n // up) * down + phase_start[phase]  # (N,) in unpadded coordinates
-        windows = flat[:, start[:, None] + taps]  # (B, N, K)
-        out[:, begin : begin + len(n)] = (windows * table[phase]).sum(dim=-1)
+    # Output n = q * up + p sits at input time q * down + p * down / up, and its window starts phase_start[p]
+    # samples after q * down. Shifting each phase's taps right by phase_start gives all phases one stride-`down`
+    # convolution: (B, up, Q) outputs, interleaved afterwards.
+    phase_start = [p * down // up for p in range(up)]
+    kernel = waveform.new_zeros(up, 1, table.shape[1] + max(phase_start))  # (up, 1, K')
+    for p, shift in enumerate(phase_start):
+        kernel[p, 0, shift : shift + table.shape[1]] = table[p]
+    steps = -(-n_out // up)  # Q
+    needed = (steps - 1) * down + kernel.shape[-1]
+    flat = waveform.reshape(-1, 1, length)
+    flat = torch.nn.functional.pad(flat, (half, max(0, needed - length - half)))  # (B, 1, L)
+    phases = torch.nn.functional.conv1d(flat, kernel, stride=down)[..., :steps]  # (B, up, Q)
+    out = phases.transpose(1, 2).reshape(flat.shape[0], -1)[:, :n_out]  # (B, T')
     return out.reshape(*waveform.shape[:-1], n_out)
 
 
