@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Write a grid of generated images for a few prompts (one row per prompt) with a text_to_image checkpoint.
+"""Write a grid of generated images for a few prompts (one row per prompt) with a text_to_image checkpoint, and a
+grid of held-out synthetic images (top row) with their reconstructions through the image tokenizer (bottom row).
 
 python demos/text_to_image.py --checkpoint runs/NAME --out demo.png
 python demos/text_to_image.py --checkpoint runs/NAME "a large green star on the left" "a small cyan heart at the top"
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--out", default="text_to_image.png")
+    parser.add_argument("--recon-out", default="reconstructions.png", help="tokenizer round trip grid ('' = skip)")
     args = parser.parse_args(argv)
 
     import mmfusion
@@ -39,6 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     for row, prompt in enumerate(prompts):
         print(f"row {row + 1}: {prompt}")
     print(f"wrote {args.out}")
+    if args.recon_out:
+        import io
+
+        from PIL import Image
+
+        from mmfusion.data.synthetic import make_sample
+
+        originals = [Image.open(io.BytesIO(make_sample(i, "val", seed=0)["png"])) for i in range(8)]
+        tokens = model.tokenize_image(originals)  # (8, h, w)
+        save_image_grid(
+            [im.convert("RGB") for im in originals] + model.decode_tokens(tokens), args.recon_out, columns=8
+        )
+        print(f"wrote {args.recon_out} (top: held-out images; bottom: decoded from {tuple(tokens.shape[1:])} tokens)")
     return 0
 
 

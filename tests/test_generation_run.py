@@ -9,7 +9,7 @@ from PIL import Image
 
 import mmfusion
 from mmfusion.data.synthetic import make_sample
-from tests.helpers import load_tool
+from tests.helpers import ROOT, load_tool
 
 train_tool = load_tool("train")
 generate_tool = load_tool("generate")
@@ -87,3 +87,12 @@ def test_generate_tool(gen_run, tmp_path, capsys):
         assert generate_tool.main([*args, "--text", bad]) == 2
         err = capsys.readouterr().err.strip()
         assert why in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_demo_writes_prompt_and_reconstruction_grids(gen_run, tmp_path):
+    demo = load_tool("text_to_image", ROOT / "demos")
+    out, recon = tmp_path / "demo.png", tmp_path / "recon.png"
+    args = ["--checkpoint", str(gen_run), "--n", "2", "--out", str(out), "--recon-out", str(recon)]
+    assert demo.main([*args, "a red circle", "a blue star"]) == 0
+    assert Image.open(out).size[1] > 2 * 64 and Image.open(recon).size[0] > 8 * 64
