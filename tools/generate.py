@@ -12,7 +12,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
@@ -32,12 +31,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import mmfusion
-    from mmfusion.cli import error_line
+    from mmfusion.cli import error_line, setup_logging
     from mmfusion.data.writer import save_image_grid
     from mmfusion.train.checkpoint import CheckpointError
 
+    setup_logging()
     try:
         try:
             args.text.encode("utf-8")
