@@ -118,7 +118,10 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
         ckpt_io.load_submodule(cfg.model.tokenizer_checkpoint, model, "tokenizer")  # stage 1's weights, frozen
     model = model.to(dist.device)
     if tc.grad_checkpointing:
-        model.set_grad_checkpointing(True)
+        if hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(True)
+        else:
+            log.warning("train.grad_checkpointing is ignored: %s models do not support it", cfg.model.kind)
     optimizer = create_optimizer(model, tc)
     step, data_start, skipped_total, last_metrics = 0, None, 0, {}
     if resume:
