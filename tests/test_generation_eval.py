@@ -192,3 +192,10 @@ def test_generation_metrics_reports_seen_and_unseen(tiny_classifier, heldout):
     assert generation_metrics(images, prompts) == {
         k: v for k, v in scores.items() if "shape" not in k and "clip" not in k
     }
+
+
+def test_a_file_that_is_not_a_shape_classifier_is_a_clear_error(tmp_path):
+    bad = tmp_path / "clf.safetensors"
+    bad.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="clf.safetensors: not a shape classifier"):
+        load_shape_classifier(bad)

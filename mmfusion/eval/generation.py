@@ -215,9 +215,12 @@ def save_shape_classifier(classifier: ShapeClassifier, path: str | os.PathLike) 
 
 def load_shape_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> ShapeClassifier:
     """The classifier :func:`save_shape_classifier` wrote, in eval mode; nothing is unpickled."""
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        config = json.loads(f.metadata()["config"])
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            config = json.loads(f.metadata()["config"])
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exn:  # truncated, not safetensors, or safetensors without our metadata
+        raise ValueError(f"{path}: not a shape classifier file ({type(exn).__name__}: {exn})") from None
     if config["shapes"] != list(SHAPES):
         raise ValueError(f"{path} was trained on shapes {config['shapes']}, not {list(SHAPES)}")
     classifier = ShapeClassifier(config["width"]).to(device)
