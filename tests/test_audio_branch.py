@@ -202,3 +202,23 @@ def test_encode_audio_caption_with_audio_and_audio_queries(audio_run, tmp_path, 
     assert "broken.wav" in err and "\n" not in err
     assert retrieve_tool.main([*args, "--audio", str(tmp_path / "missing.wav")]) == 2
     assert "missing.wav" in capsys.readouterr().err
+
+
+def test_fusion_head_hears_audio_and_ignores_missing_clips():
+    cfg = load_config(
+        "tiny", [*TINY, *AUDIO, "model.fusion.enabled=true", "model.fusion.depth=1", "model.fusion.heads=2"]
+    )
+    torch.manual_seed(0)
+    model = create_model(cfg.model).eval()
+    from mmfusion.models import create_tokenizer
+
+    tokens = create_tokenizer(32)(["a red circle", "a blue star"])
+    _, image_tokens = model.visual(torch.randn(2, 3, 64, 64))
+    _, audio_tokens = model.audio(torch.randn(2, 64, 101))
+    _, states = model.text(tokens)
+    head = model.fusion
+    image_only = head.fuse(head.memory(image_tokens)[0], states)
+    memory, mask = head.memory(image_tokens, audio_tokens, torch.tensor([True, False]))
+    with_audio = head.fuse(memory, states, mask)
+    assert not torch.allclose(with_audio[0], image_only[0], atol=1e-4)  # the clip changes what is fused
+    torch.testing.assert_close(with_audio[1], image_only[1], atol=1e-5, rtol=0)  # a missing clip is not heard
