@@ -17,6 +17,7 @@ from mmfusion.data import ImageTransform, ShardStream, expand_shards, load_image
 from mmfusion.data.audio import audio_transform_for
 from mmfusion.data.transforms import to_pil_images
 from mmfusion.eval import EVALUATORS
+from mmfusion.eval.text_to_image import generate_for_prompts
 from mmfusion.models import CLIPModel, create_model, create_tokenizer
 from mmfusion.models.fusion import rerank_score
 from mmfusion.train import checkpoint as ckpt_io
@@ -70,8 +71,7 @@ class MMFusion:
     @torch.no_grad()
     def encode_image(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:
         """Embed images given as PIL images, file paths or encoded bytes -> (N, E)."""
-        if isinstance(images, (Image.Image, str, Path, bytes)):
-            images = [images]
+        images = _as_list(images)
         out = []
         for i in range(0, len(images), batch_size):
             out.append(self.model.encode_image(self._pixels(images[i : i + batch_size])).float().cpu())
@@ -126,7 +126,7 @@ class MMFusion:
         the score reads image and text jointly, so it is sharper but costs one fused pass per pair: use it to
         rerank a short list (``SearchIndex.search(..., rerank=True)``), not to scan a collection.
         """
-        images = [images] if isinstance(images, (Image.Image, str, Path, bytes)) else list(images)
+        images = _as_list(images)
         texts = [texts] if isinstance(texts, str) else list(texts)
         if len(images) == 1 and len(texts) > 1:
             images = images * len(texts)
@@ -171,7 +171,7 @@ class MMFusion:
         (``seed`` makes it reproducible). Lengths count BPE tokens (at most the text context minus 1). By default
         no 4-gram repeats within a caption; ``repetition_penalty > 1`` also discourages repeated words.
         ``audio``: one clip per image, heard alongside it (models with an audio tower)."""
-        images = [images] if isinstance(images, (Image.Image, str, Path, bytes)) else list(images)
+        images = _as_list(images)
         if audio is not None:
             if self.audio_transform is None:
                 raise ValueError("this model has no audio tower: train it with model.audio.enabled=true")
@@ -217,7 +217,7 @@ class MMFusion:
     def tokenize_image(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """Images -> discrete image tokens, a LongTensor (B, h, w)."""
         tokenizer = self._require("tokenizer", "image tokenizer")
-        images = [images] if isinstance(images, (Image.Image, str, Path, bytes)) else list(images)
+        images = _as_list(images)
         return tokenizer.encode(self._pixels(images)).cpu()
 
     @torch.no_grad()
@@ -230,9 +230,14 @@ class MMFusion:
         return to_pil_images(tokenizer.decode(tokens.to(self.device)))
 
     def check_prompt(self, prompt: str) -> None:
-        """Raise ``ValueError`` for an empty prompt or one longer than the text context (it would be cut)."""
+        """Raise ``ValueError`` for an empty prompt, one that is not valid Unicode (undecodable command-line bytes
+        arrive as lone surrogates), or one longer than the text context (it would be cut)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("the prompt is not valid UTF-8 text") from None
         n, context = len(self.tokenizer.encode(prompt)) + 2, self.config.model.text.context_length  # + start, end
         if n > context:
             raise ValueError(f"the prompt is {n} tokens, more than the model's {context}: {prompt[:60]!r}")
@@ -256,14 +261,11 @@ class MMFusion:
             self.check_prompt(p)
         if n < 1 or steps < 1:
             raise ValueError("n and steps must be >= 1")
-        rng = torch.Generator(self.device).manual_seed(seed if seed is not None else torch.seed())
         expanded = [p for p in prompts for _ in range(n)]
-        images = []
-        for i in range(0, len(expanded), batch_size):
-            tokens = self.tokenizer(expanded[i : i + batch_size]).to(self.device)
-            _, pixels = self.model.generate(tokens, steps, guidance, temperature, generator=rng)
-            images += to_pil_images(pixels)
-        return images
+        return generate_for_prompts(
+            self.model, self.tokenizer, expanded, self.device, seed if seed is not None else torch.seed(), batch_size,
+            steps=steps, guidance=guidance, temperature=temperature,
+        )  # fmt: skip
 
     def evaluate(self, shards: str, batch_size: int = 128, workers: int = 1, **extra) -> dict[str, float]:
         """Held-out metrics on shards, as ``tools/eval.py`` prints them: retrieval and zero-shot (plus fusion-head
@@ -275,6 +277,10 @@ class MMFusion:
         )  # fmt: skip
         evaluator = EVALUATORS[self.config.model.kind]
         return evaluator(self.model, self.tokenizer, make_loader(stream, workers), self.device, **extra)
+
+
+def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    return [images] if isinstance(images, (Image.Image, str, Path, bytes)) else list(images)
 
 
 def load(path: str | Path, device: str = "cpu") -> MMFusion:

@@ -38,10 +38,6 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     try:
-        try:
-            args.text.encode("utf-8")
-        except UnicodeEncodeError:  # undecodable bytes on the command line arrive as lone surrogates
-            raise ValueError("the prompt is not valid UTF-8 text") from None
         model = mmfusion.load(args.checkpoint, device=args.device)
         model.check_prompt(args.text)
         images = model.generate(

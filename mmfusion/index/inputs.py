@@ -123,18 +123,35 @@ def image_source(path: str | os.PathLike) -> dict[str, Any]:
     return {"kind": "image", "path": str(Path(path).resolve()), "mtime_ns": st.st_mtime_ns, "size": st.st_size}
 
 
-def load_source_image(source: Mapping[str, Any] | None) -> Image.Image:
-    """Re-read the image an entry was embedded from: a file (``{"kind": "image", "path"}``) or a sample in a
-    local webdataset shard (``{"kind": "shard", "url", "key"}``). Raises ``ValueError``/``OSError`` when it
-    cannot be read, e.g. an entry added from raw embeddings or a remote shard."""
-    kind = (source or {}).get("kind")
-    if kind == "image":
-        return load_image(source["path"])
-    if kind == "shard" and os.path.isfile(source.get("url", "")):
-        with tarfile.open(source["url"]) as tar:  # headers only: uncompressed members are skipped by seeking
-            for member in tar:
-                stem, _, ext = member.name.rpartition(".")
-                if stem == source["key"] and "." + ext.lower() in IMAGE_SUFFIXES:
-                    return load_image(io.BytesIO(tar.extractfile(member).read()))
-        raise ValueError(f"sample {source['key']} has no image in {source['url']}")
-    raise ValueError(f"no readable image source for this entry ({kind or 'none'})")
+def load_source_images(sources: Sequence[Mapping[str, Any] | None]) -> list[Image.Image | Exception]:
+    """Re-read the images entries were embedded from, in order: files (``{"kind": "image", "path"}``) or samples in
+    local webdataset shards (``{"kind": "shard", "url", "key"}``, each shard scanned once for all its keys). Where
+    an image cannot be read (an entry added from raw embeddings, a remote shard, a moved file) the list holds the
+    error instead."""
+    out: list[Image.Image | Exception] = [ValueError("no readable image source for this entry")] * len(sources)
+    wanted: dict[str, dict[str, int]] = {}  # shard url -> key -> position
+    for i, source in enumerate(sources):
+        kind = (source or {}).get("kind")
+        if kind == "image":
+            try:
+                out[i] = load_image(source["path"])
+            except Exception as e:  # a moved or broken file: reported per entry
+                out[i] = e
+        elif kind == "shard" and os.path.isfile(source.get("url", "")):
+            wanted.setdefault(source["url"], {})[source["key"]] = i
+    for url, keys in wanted.items():
+        try:
+            with tarfile.open(url) as tar:  # headers only: uncompressed members are skipped by seeking
+                for member in tar:
+                    stem, _, ext = member.name.rpartition(".")
+                    if stem in keys and "." + ext.lower() in IMAGE_SUFFIXES:
+                        out[keys.pop(stem)] = load_image(io.BytesIO(tar.extractfile(member).read()))
+                        if not keys:
+                            break
+        except Exception as e:  # truncated or unreadable shard
+            for i in keys.values():
+                out[i] = e
+            continue
+        for key, i in keys.items():
+            out[i] = ValueError(f"sample {key} has no image in {url}")
+    return out

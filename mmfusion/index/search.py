@@ -28,7 +28,7 @@ from .inputs import (
     image_source,
     is_image_path,
     load_image,
-    load_source_image,
+    load_source_images,
     metadata_list,
     to_numpy,
 )
@@ -303,13 +303,13 @@ class SearchIndex:
             raise ValueError("rerank=True needs a model with a matching head (train with model.fusion.enabled=true)")
         hits = self._store.search(self._embed_queries([query]), max(k, candidates), where)[0]
         images, readable, unreadable = [], [], []
-        for hit in hits:
-            try:
-                images.append(load_source_image(self._store.source(hit.id)))
-                readable.append(hit)
-            except Exception as e:  # a moved file or a raw-embedding entry must not fail the search
-                log.debug("cannot rerank %s: %s", hit.id, e)
+        for hit, image in zip(hits, load_source_images([self._store.source(h.id) for h in hits]), strict=True):
+            if isinstance(image, Exception):  # a moved file or a raw-embedding entry must not fail the search
+                log.debug("cannot rerank %s: %s", hit.id, image)
                 unreadable.append(hit)
+            else:
+                images.append(image)
+                readable.append(hit)
         if unreadable:
             log.warning(
                 "reranking skipped %d of %d candidates whose image cannot be re-read", len(unreadable), len(hits)

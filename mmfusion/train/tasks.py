@@ -78,38 +78,31 @@ class ContrastiveTask:
         fused = self.fusion is not None
         w_contrastive = self.fusion.contrastive if fused else 1.0
         metrics: dict[str, float] = {}
-        if len(inputs) == 1:
-            with self.autocast:
-                out = model(inputs[0], fusion=fused)
-            contrastive = contrastive_loss(self.loss_fn, out)
-            loss = w_contrastive * contrastive + (self._fusion_terms(out, 1.0, metrics) if fused else 0.0)
-            loss = loss + self._audio_term(out, inputs[0], 1.0, metrics)
-            loss.backward()
-            if fused or self.audio_weight is not None:
-                metrics["contrastive_loss"] = contrastive.item()
-            return loss.item(), {"logit_scale": out["logit_scale"].item(), **metrics}
-
-        with torch.no_grad(), self.autocast:
-            cached = [model(x) for x in inputs]
-        images = [c["image_features"] for c in cached]
-        texts = [c["text_features"] for c in cached]
+        n = len(inputs)
+        if n > 1:  # the gradient cache: every micro-batch's features, without gradients
+            with torch.no_grad(), self.autocast:
+                cached = [model(x) for x in inputs]
+            images = [c["image_features"] for c in cached]
+            texts = [c["text_features"] for c in cached]
         for j, x in enumerate(inputs):
             # DDP: synchronise gradients only on the last micro-batch.
-            sync = j == len(inputs) - 1
+            sync = j == n - 1
             with model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext(), self.autocast:
                 out = model(x, fusion=fused)
-            full = {
-                "image_features": torch.cat(images[:j] + [out["image_features"]] + images[j + 1 :]),  # (B_eff, E)
-                "text_features": torch.cat(texts[:j] + [out["text_features"]] + texts[j + 1 :]),  # (B_eff, E)
-                "logit_scale": out["logit_scale"] if sync else out["logit_scale"].detach(),
-            }
-            if "logit_bias" in out:
-                full["logit_bias"] = out["logit_bias"] if sync else out["logit_bias"].detach()
+            full = out
+            if n > 1:
+                full = {
+                    "image_features": torch.cat(images[:j] + [out["image_features"]] + images[j + 1 :]),  # (B_eff, E)
+                    "text_features": torch.cat(texts[:j] + [out["text_features"]] + texts[j + 1 :]),  # (B_eff, E)
+                    "logit_scale": out["logit_scale"] if sync else out["logit_scale"].detach(),
+                }
+                if "logit_bias" in out:
+                    full["logit_bias"] = out["logit_bias"] if sync else out["logit_bias"].detach()
             contrastive = contrastive_loss(self.loss_fn, full)  # the same value on every micro-batch
             loss = w_contrastive * contrastive
             if fused:
-                loss = loss + self._fusion_terms(out, 1.0 / len(inputs), metrics)
-            loss = loss + self._audio_term(out, x, 1.0 / len(inputs), metrics)
+                loss = loss + self._fusion_terms(out, 1.0 / n, metrics)
+            loss = loss + self._audio_term(out, x, 1.0 / n, metrics)
             loss.backward()
         total = w_contrastive * contrastive.item()
         if fused or self.audio_weight is not None:
