@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""What the optional parts cost per training step, side by side with their references.
+
+Same batch of random 64 px images and real synthetic captions, bf16 autocast, the optimizer step included,
+data loading excluded (it is measured separately for audio):
+
+- ``tiny`` contrastive (the reference for both branches), ``tiny`` + fusion head, ``tiny`` + audio tower;
+- open_clip's CoCa with the same towers and a 2-layer multimodal decoder, trained with open_clip's
+  ``CoCaLoss`` (full-vocabulary softmax), the reference for our fusion head (adaptive softmax). Its other
+  defaults are kept (attentional pooler with 256 queries as decoder memory, where we use the 65 image tokens);
+- the audio front end per clip (FLAC decode, 8 -> 16 kHz resampling, log-mel), single-threaded as in a
+  loader worker, next to the image decode + transform it runs beside.
+
+    python benchmarks/bench_branches.py            # ~2 minutes on 2 cores
+The last line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+
+import torch
+
+
+def _time_steps(step, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def _ours(overrides: dict, batch: dict, autocast):
+    from mmfusion import create_model
+    from mmfusion.config import load_config
+    from mmfusion.train.losses import create_contrastive_loss
+    from mmfusion.train.optim import create_optimizer
+    from mmfusion.train.tasks import ContrastiveTask, FusionWeights
+
+    cfg = load_config("tiny")
+    model = create_model(cfg.model, **overrides).train()
+    fusion = FusionWeights() if model.fusion is not None else None
+    audio = 1.0 if model.audio is not None else None
+    task = ContrastiveTask(create_contrastive_loss("clip"), torch.device("cpu"), autocast, fusion, audio)
+    optimizer = create_optimizer(model, cfg.train)
+
+    def step():
+        task.step(model, [batch])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _open_clip_coca(batch: dict, autocast):
+    from open_clip import CoCa
+    from open_clip.loss import CoCaLoss
+
+    model = CoCa(
+        embed_dim=256,
+        multimodal_cfg={"context_length": 32, "width": 256, "heads": 4, "layers": 2, "vocab_size": 49408},
+        text_cfg={
+            "context_length": 32,
+            "vocab_size": 49408,
+            "width": 256,
+            "heads": 4,
+            "layers": 4,
+            "embed_cls": True,
+            "output_tokens": True,
+        },  # fmt: skip
+        vision_cfg={
+            "image_size": 64,
+            "layers": 6,
+            "width": 256,
+            "patch_size": 8,
+            "head_width": 64,
+            "attentional_pool": True,
+            "attn_pooler_heads": 4,
+            "output_tokens": True,  # as in its CoCa configs
+        },  # fmt: skip
+    ).train()
+    loss_fn = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, pad_id=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+
+    def step():
+        with autocast:
+            out = model(batch["image"], batch["text"])
+        clip_loss, caption_loss = loss_fn(
+            out["image_features"].float(),
+            out["text_features"].float(),
+            out["logits"].float(),
+            out["labels"],
+            out["logit_scale"].float(),
+        )
+        (clip_loss + caption_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _front_end_ms(repeats: int) -> dict[str, float]:
+    from mmfusion.config import AudioTowerConfig, PreprocessConfig
+    from mmfusion.data import ImageTransform, load_image
+    from mmfusion.data.audio import audio_transform_for
+    from mmfusion.data.synthetic import make_sample
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    samples = [make_sample(i, "train", seed=0, audio=True) for i in range(repeats)]
+    audio = audio_transform_for(AudioTowerConfig(enabled=True))
+    image = ImageTransform(64, PreprocessConfig())
+    ms = {
+        "audio_front_end_ms": 1000 * _time_steps(lambda: [audio(s["flac"]) for s in samples], 1, 3) / repeats,
+        "image_decode_transform_ms": 1000
+        * _time_steps(lambda: [image(load_image(io.BytesIO(s["png"]))) for s in samples], 1, 3)
+        / repeats,
+    }
+    torch.set_num_threads(threads)
+    return ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+
+    from mmfusion.data.synthetic import make_sample
+    from mmfusion.models import create_tokenizer
+    from mmfusion.train.precision import ComputeContext
+
+    torch.manual_seed(0)
+    b = args.batch_size
+    captions = [make_sample(i, "train", seed=0)["txt"].decode() for i in range(b)]
+    batch = {"image": torch.randn(b, 3, 64, 64), "text": create_tokenizer(32)(captions)}
+    audio_batch = {**batch, "audio": torch.randn(b, 64, 101), "has_audio": torch.ones(b, dtype=torch.bool)}
+    autocast = ComputeContext(torch.device("cpu"), "bf16")
+    runs = {
+        "tiny": _ours({}, batch, autocast),
+        "tiny+fusion": _ours({"fusion": {"enabled": True}}, batch, autocast),
+        "open_clip CoCa": _open_clip_coca(batch, autocast),
+        "tiny+audio": _ours({"audio": {"enabled": True}}, audio_batch, autocast),
+    }
+    result = {}
+    for name, step in runs.items():
+        seconds = _time_steps(step, warmup=2, steps=args.steps)
+        result[name] = round(b / seconds, 1)
+        print(f"{name:16s} {b / seconds:7.1f} samples/s  ({seconds:.2f} s/step)", flush=True)
+    print(f"fusion head: {result['tiny+fusion'] / result['tiny']:.2f}x the contrastive step's throughput; "
+          f"ours vs open_clip CoCa: {result['tiny+fusion'] / result['open_clip CoCa']:.2f}x")  # fmt: skip
+    print(f"audio tower: {result['tiny+audio'] / result['tiny']:.2f}x the contrastive step's throughput")
+    result.update({k: round(v, 2) for k, v in _front_end_ms(32).items()})
+    print(f"per sample in a loader worker: audio front end {result['audio_front_end_ms']:.2f} ms, "
+          f"image decode + transform {result['image_decode_transform_ms']:.2f} ms")  # fmt: skip
+    print(json.dumps({"batch_size": b, "samples_per_s": result}))
+
+
+if __name__ == "__main__":
+    main()
