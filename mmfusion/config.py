@@ -155,6 +155,9 @@ class GeneratorConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     cond_dropout: float = 0.1  # share of training samples trained without text, for classifier-free guidance
+    # Cross-attend to the caption's word embeddings as well as the text tower's output states: see
+    # mmfusion.models.text_to_image for why (colour and position words are bound much sooner).
+    word_memory: bool = True
 
     def __post_init__(self):
         _check_positive(self, "width", "depth", "heads")

@@ -282,3 +282,36 @@ def test_short_generator_training_lowers_the_loss():
     # The text steers guided sampling: each caption's samples mostly reproduce its grid (chance is 1 / 16).
     samples = model.eval().sample(states[:2], mask[:2], generator=torch.Generator().manual_seed(0))
     assert ((samples == grids).float().mean(dim=1) > 0.5).all()
+
+
+# --- text conditioning ------------------------------------------------------------------------------------------
+
+
+def _text_to_image(word_memory: bool):
+    from mmfusion.config import GeneratorConfig, ModelConfig, TextConfig
+    from mmfusion.models.text_to_image import TextToImageModel
+
+    cfg = ModelConfig(
+        kind="text_to_image",
+        text=TextConfig(context_length=8, width=16, depth=1, heads=2),
+        image_tokenizer=TINY_TOKENIZER,
+        generator=GeneratorConfig(width=32, depth=1, heads=2, word_memory=word_memory),
+    )
+    torch.manual_seed(0)
+    return TextToImageModel(cfg).eval()
+
+
+@pytest.mark.parametrize("word_memory", [False, True])
+def test_word_memory_lets_the_generator_read_words_the_text_tower_does_not_pass_on(word_memory):
+    model = _text_to_image(word_memory)
+    # A tower whose final norm outputs zeros carries no information about the prompt.
+    torch.nn.init.zeros_(model.text.transformer.ln_final.weight)
+    torch.nn.init.zeros_(model.text.transformer.ln_final.bias)
+    prompts = torch.tensor([[49406, 736, 49407, 0, 0, 0, 0, 0], [49406, 1746, 49407, 0, 0, 0, 0, 0]])  # red / blue
+    memory, mask = model._text(prompts)
+    assert memory.shape[1] == (16 if word_memory else 8)
+    assert mask.sum(1).tolist() == ([6, 6] if word_memory else [3, 3])  # padding is never a key, in either half
+    masked = torch.full((2, model.generator.num_tokens), model.generator.mask_id)
+    with torch.no_grad():
+        logits = model.generator(masked, memory, mask)
+    assert torch.allclose(logits[0], logits[1]) != word_memory
