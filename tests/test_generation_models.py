@@ -309,9 +309,21 @@ def test_word_memory_lets_the_generator_read_words_the_text_tower_does_not_pass_
     torch.nn.init.zeros_(model.text.transformer.ln_final.bias)
     prompts = torch.tensor([[49406, 736, 49407, 0, 0, 0, 0, 0], [49406, 1746, 49407, 0, 0, 0, 0, 0]])  # red / blue
     memory, mask = model._text(prompts)
-    assert memory.shape[1] == (16 if word_memory else 8)
-    assert mask.sum(1).tolist() == ([6, 6] if word_memory else [3, 3])  # padding is never a key, in either half
+    assert memory.shape[1] == (6 if word_memory else 3) and mask.all()  # cut at the longest prompt: no padding keys
     masked = torch.full((2, model.generator.num_tokens), model.generator.mask_id)
     with torch.no_grad():
         logits = model.generator(masked, memory, mask)
     assert torch.allclose(logits[0], logits[1]) != word_memory
+
+
+def test_cutting_the_memory_at_the_longest_prompt_changes_no_logit():
+    model = _text_to_image(word_memory=True)
+    prompts = torch.tensor([[49406, 736, 2445, 49407, 0, 0, 0, 0], [49406, 1746, 49407, 0, 0, 0, 0, 0]])
+    memory, mask = model._text(prompts)
+    assert memory.shape[1] == 8 and mask.sum(1).tolist() == [8, 6]
+    _, states = model.text(prompts)  # the whole context, padding included
+    words = torch.nn.functional.layer_norm(model.text.transformer.token_embedding(prompts), (16,))
+    full, full_mask = torch.cat([states, words], 1), (prompts != 0).repeat(1, 2)
+    tokens = torch.randint(0, model.generator.mask_id + 1, (2, model.generator.num_tokens))
+    with torch.no_grad():
+        torch.testing.assert_close(model.generator(tokens, memory, mask), model.generator(tokens, full, full_mask))

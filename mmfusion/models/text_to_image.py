@@ -75,8 +75,12 @@ class TextToImageModel(nn.Module):
         return self
 
     def _text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-attention memory (B, L or 2L, W) for prompt ids (B, L), and its key mask (True = real token)."""
+        """Cross-attention memory (B, M, W) for prompt ids (B, L) and its key mask (True = real token): the states up to
+        the longest prompt, then as many word embeddings with ``word_memory``."""
         _, states = self.text(tokens)  # (B, L, W)
+        # Padding is never a key: cut the memory at the longest prompt (states before it do not see the pads).
+        length = max(1, int((tokens != PAD).sum(dim=1).max()))
+        tokens, states = tokens[:, :length], states[:, :length]
         mask = tokens != PAD
         if not self.cfg.generator.word_memory:
             return states, mask
