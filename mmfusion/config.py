@@ -162,7 +162,8 @@ class GeneratorConfig:
     def __post_init__(self):
         _check_positive(self, "width", "depth", "heads")
         _check(self.width % self.heads == 0, "generator.width must be a multiple of generator.heads")
-        _check(0 <= self.cond_dropout < 1, "generator.cond_dropout must be in [0, 1)")
+        # 1 trains an unconditional generator (the text is never read): unusual, but well defined.
+        _check(0 <= self.cond_dropout <= 1, "generator.cond_dropout must be in [0, 1]")
 
 
 MODEL_KINDS = ("clip", "image_tokenizer", "text_to_image")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from mmfusion.config import GeneratorConfig
 from mmfusion.models.generator import (
     TokenGenerator,
-    TokenGeneratorConfig,
     cosine_schedule,
     guided_logits,
     masked_cross_entropy,
@@ -23,7 +24,8 @@ from mmfusion.models.image_tokenizer import (
 )
 
 TINY_TOKENIZER = ImageTokenizerConfig(image_size=32, channels=(16, 32))  # 16x16 grid, default levels (8, 5, 5, 5)
-TINY_GENERATOR = TokenGeneratorConfig(codebook_size=16, grid_size=8, width=32, depth=1, heads=2, text_width=8)
+TINY_GENERATOR = GeneratorConfig(width=32, depth=1, heads=2)
+CODEBOOK, GRID, TEXT_WIDTH = 16, 8, 8  # the generator's sizes that the tokenizer and text tower fix
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -149,13 +151,13 @@ def test_short_tokenizer_training_reconstructs_beyond_what_a_broken_quantiser_co
 
 def _generator(**overrides) -> TokenGenerator:
     torch.manual_seed(0)
-    cfg = TokenGeneratorConfig(**{**TINY_GENERATOR.__dict__, **overrides})
-    return TokenGenerator(cfg)
+    cfg = dataclasses.replace(TINY_GENERATOR, **overrides)
+    return TokenGenerator(cfg, CODEBOOK, GRID, TEXT_WIDTH)
 
 
 def _text(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    states = torch.randn(batch, 5, TINY_GENERATOR.text_width, generator=g)  # (B, L, Wt)
+    states = torch.randn(batch, 5, TEXT_WIDTH, generator=g)  # (B, L, Wt)
     mask = torch.arange(5)[None, :] < torch.randint(1, 6, (batch, 1), generator=g)  # (B, L): padding at the end
     return states, mask
 
@@ -216,7 +218,7 @@ def test_loss_is_finite_and_only_masked_positions_contribute():
 
 
 def test_full_condition_dropout_makes_the_loss_independent_of_the_text():
-    tokens = torch.randint(0, 16, (4, TINY_GENERATOR.grid_size**2))
+    tokens = torch.randint(0, 16, (4, GRID**2))
     (a, mask_a), (b, mask_b) = _text(4, seed=1), _text(4, seed=2)
 
     def loss(model, states, mask):
@@ -288,7 +290,7 @@ def test_short_generator_training_lowers_the_loss():
 
 
 def _text_to_image(word_memory: bool):
-    from mmfusion.config import GeneratorConfig, ModelConfig, TextConfig
+    from mmfusion.config import ModelConfig, TextConfig
     from mmfusion.models.text_to_image import TextToImageModel
 
     cfg = ModelConfig(

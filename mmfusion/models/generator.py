@@ -26,26 +26,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 from torch.nn import functional as F
 
-
-@dataclass(frozen=True)
-class TokenGeneratorConfig:
-    """Size of the token generator; ``cond_dropout`` is the share of training samples trained unconditionally."""
-
-    codebook_size: int = 1000
-    grid_size: int = 16  # tokens per side
-    width: int = 256
-    depth: int = 4
-    heads: int = 4
-    text_width: int = 256
-    cond_dropout: float = 0.1
-    mlp_ratio: float = 4.0
+from mmfusion.config import GeneratorConfig
 
 
 def cosine_schedule(r: torch.Tensor | float) -> torch.Tensor | float:
@@ -81,17 +68,18 @@ def _gumbel(shape: tuple[int, ...], generator: torch.Generator | None, device: t
 class TokenGenerator(nn.Module):
     """Bidirectional transformer over (B, N) image tokens that cross-attends to text states (B, L, text_width)."""
 
-    def __init__(self, cfg: TokenGeneratorConfig | None = None):
+    def __init__(self, cfg: GeneratorConfig, codebook_size: int, grid_size: int, text_width: int):
+        """``cfg`` sizes the transformer; the image tokenizer fixes ``codebook_size`` and ``grid_size`` (tokens per
+        side), the text tower ``text_width``."""
         super().__init__()
-        cfg = cfg or TokenGeneratorConfig()
         self.cfg = cfg
-        self.codebook_size = cfg.codebook_size
-        self.num_tokens = cfg.grid_size**2
-        self.mask_id = cfg.codebook_size  # the extra embedding row
+        self.codebook_size = codebook_size
+        self.num_tokens = grid_size**2
+        self.mask_id = codebook_size  # the extra embedding row
         self.heads = cfg.heads
-        self.token_embed = nn.Embedding(cfg.codebook_size + 1, cfg.width)
+        self.token_embed = nn.Embedding(codebook_size + 1, cfg.width)
         self.pos_embed = nn.Parameter(torch.empty(1, self.num_tokens, cfg.width))
-        self.text_proj = nn.Linear(cfg.text_width, cfg.width)
+        self.text_proj = nn.Linear(text_width, cfg.width)
         self.null_text = nn.Parameter(torch.empty(1, 1, cfg.width))
         self.self_blocks = nn.ModuleList(
             ResidualAttentionBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)
@@ -101,7 +89,7 @@ class TokenGenerator(nn.Module):
             for _ in range(cfg.depth)
         )
         self.ln_out = nn.LayerNorm(cfg.width)
-        self.head = nn.Linear(cfg.width, cfg.codebook_size)
+        self.head = nn.Linear(cfg.width, codebook_size)
         for p in (self.token_embed.weight, self.pos_embed, self.null_text):
             nn.init.normal_(p, std=0.02)
 

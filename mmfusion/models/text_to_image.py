@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmfusion.config import ModelConfig
-from mmfusion.models.generator import TokenGenerator, TokenGeneratorConfig
+from mmfusion.models.generator import TokenGenerator
 from mmfusion.models.image_tokenizer import ImageTokenizer
 from mmfusion.models.text import TextTower
 
@@ -56,18 +56,9 @@ class TextToImageModel(nn.Module):
         self.tokenizer.requires_grad_(False)
         self.text = TextTower(cfg.text, cfg.embed_dim)
         self.text.transformer.text_projection = None  # the generator reads token states, never the pooled vector
-        g = cfg.generator
-        spec = TokenGeneratorConfig(
-            codebook_size=self.tokenizer.codebook_size,
-            grid_size=self.tokenizer.grid_size,
-            width=g.width,
-            depth=g.depth,
-            heads=g.heads,
-            text_width=cfg.text.width,
-            cond_dropout=g.cond_dropout,
-            mlp_ratio=g.mlp_ratio,
+        self.generator = TokenGenerator(
+            cfg.generator, self.tokenizer.codebook_size, self.tokenizer.grid_size, text_width=cfg.text.width
         )
-        self.generator = TokenGenerator(spec)
 
     def train(self, mode: bool = True) -> TextToImageModel:
         super().train(mode)
