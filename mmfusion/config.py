@@ -253,6 +253,7 @@ class TrainConfig:
     tokenizer_steps: int = 300
     tokenizer_lr: float = 1e-3
     tokenizer_batch_size: int = 0
+    pretokenize: bool = True  # stage 2 reads images encoded once by stage 1's tokenizer (no augmentation)
 
     def __post_init__(self):
         _check_choice(self.loss, ("clip", "siglip"), "train.loss")

@@ -6,9 +6,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import mmfusion
+from mmfusion.config import load_config
 from mmfusion.data.synthetic import make_sample
+from mmfusion.train.checkpoint import find_checkpoint
+from mmfusion.train.loop import train
 from tests.helpers import ROOT, load_tool
 
 train_tool = load_tool("train")
@@ -41,11 +45,11 @@ def test_two_stages_train_and_report_their_metrics(gen_run):
     assert tok_eval["psnr"] > 0 and 0 < tok_eval["codebook_usage"] <= 100
     gen_eval = next(r["eval"] for r in stage2 if "eval" in r)
     assert "val_loss" in gen_eval and "color_acc" in gen_eval
+    # Stage 2 read the training images as tokens, encoded once by stage 1's tokenizer.
+    manifest = json.loads((gen_run / "generator" / "tokens" / "manifest.json").read_text())
+    assert (manifest["samples"], manifest["skipped_samples"]) == (1200, 0)
+    assert manifest["tokenizer"] == str(find_checkpoint(gen_run / "tokenizer").resolve())
     # Stage 2 started from stage 1's tokenizer and kept it frozen.
-    from safetensors.torch import load_file
-
-    from mmfusion.train.checkpoint import find_checkpoint
-
     # Stage 1 ran at its own batch size.
     stage1_state = json.loads((find_checkpoint(gen_run / "tokenizer") / "state.json").read_text())
     stage2_state = json.loads((find_checkpoint(gen_run / "generator") / "state.json").read_text())
@@ -53,6 +57,14 @@ def test_two_stages_train_and_report_their_metrics(gen_run):
     a = load_file(str(find_checkpoint(gen_run / "tokenizer") / "model.safetensors"))
     b = load_file(str(find_checkpoint(gen_run / "generator") / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_generator_can_encode_images_on_the_fly(gen_run, synthetic, tmp_path):
+    overrides = [*SMALL, "train.pretokenize=false", "train.steps=2", f"data.train={synthetic['train']}", "data.val="]
+    overrides.append(f"model.tokenizer_checkpoint={gen_run / 'tokenizer'}")
+    result = train(load_config("tiny-gen", overrides), run_dir=tmp_path / "gen", progress=False)
+    assert result["step"] == 2 and not (tmp_path / "gen" / "tokens").exists()
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Webdataset shards: expansion, counting, and an exactly resumable batch stream.
 
 Shards follow the img2dataset/open_clip convention: ``<key>.jpg|jpeg|png|webp`` + ``<key>.txt``
-(+ optional ``<key>.json``). Tar reading reuses webdataset's ``tarfile_samples`` (so ``pipe:`` and
+(+ optional ``<key>.json``). Pre-tokenized shards (``mmfusion.train.pretokenize``) hold ``<key>.tokens.npy``,
+an image's discrete tokens, in place of the image. Tar reading reuses webdataset's ``tarfile_samples`` (so ``pipe:`` and
 URLs work through ``gopen``); the ordering, splitting and shuffling are ours because they have to
 be replayable.
 
@@ -17,6 +18,7 @@ rotated so the worker whose batch was next comes first again.
 from __future__ import annotations
 
 import glob
+import io
 import logging
 import os
 import random
@@ -25,6 +27,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -89,7 +92,7 @@ def count_samples(urls: list[str]) -> int:
 @dataclass
 class Sample:
     key: str
-    image: torch.Tensor
+    image: torch.Tensor  # (3, S, S) pixels, or (h, w) token ids from a pre-tokenized shard
     text: str
     json: str
     url: str  # the shard it came from: lets an index re-read the image (e.g. to rerank)
@@ -97,29 +100,51 @@ class Sample:
 
 
 AUDIO_EXTENSIONS = ("flac", "wav")
+TOKENS_MEMBER = "tokens.npy"
+
+
+def encode_tokens(tokens: torch.Tensor) -> bytes:
+    """An image's (h, w) token ids as ``.npy`` bytes (int32), the ``tokens.npy`` member of a pre-tokenized shard."""
+    buffer = io.BytesIO()
+    np.save(buffer, tokens.cpu().numpy().astype(np.int32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_tokens(data: bytes) -> torch.Tensor:
+    """(h, w) long token ids from ``tokens.npy`` bytes; never unpickles."""
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"expected an (h, w) integer array of tokens, got {array.dtype} {array.shape}")
+    return torch.from_numpy(array.astype(np.int64))
 
 
 class SampleDecoder:
     """Decode one raw webdataset sample; returns None (never raises) for a corrupt or partial one.
 
     With an ``audio_transform``, a ``flac``/``wav`` member is decoded too; a sample without one is fine (its
-    ``audio`` stays None), but one whose audio is corrupt or empty counts as a bad sample.
+    ``audio`` stays None), but one whose audio is corrupt or empty counts as a bad sample. With ``image_tokens``
+    the sample's ``tokens.npy`` is read instead of an image (``transform`` is then unused).
     """
 
-    def __init__(self, transform: ImageTransform, audio_transform: Callable | None = None):
+    def __init__(self, transform: ImageTransform, audio_transform: Callable | None = None, image_tokens: bool = False):
         self.transform = transform
         self.audio_transform = audio_transform
+        self.image_tokens = image_tokens
 
     def __call__(self, raw: dict, rng: random.Random | None) -> Sample | None:
         key = raw.get("__key__", "?")
         try:
-            image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+            wanted = (TOKENS_MEMBER,) if self.image_tokens else IMAGE_EXTENSIONS
+            image_bytes = next((raw[ext] for ext in wanted if ext in raw), None)
             if image_bytes is None or "txt" not in raw:
-                raise ValueError("missing image or txt")
+                raise ValueError(f"missing {'tokens' if self.image_tokens else 'image'} or txt")
             text = raw["txt"].decode("utf-8").strip()
             if not text:
                 raise ValueError("empty caption")
-            image = self.transform(load_image(image_bytes), rng)
+            if self.image_tokens:
+                image = decode_tokens(image_bytes)
+            else:
+                image = self.transform(load_image(image_bytes), rng)
             meta = raw["json"].decode("utf-8") if "json" in raw else "{}"
             audio = None
             if self.audio_transform is not None:
@@ -159,9 +184,10 @@ def _shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
 class ShardStream(IterableDataset):
     """Batches of decoded, tokenized samples from shards; infinite (training) or one pass (eval).
 
-    Each batch is a dict: ``image`` (B, 3, S, S), ``text`` (B, L) token ids, ``caption``/``key``/
-    ``json`` lists, and bookkeeping: ``worker``, ``epoch``, ``pos`` (the producing worker's position
-    after this batch) and ``skipped`` (bad samples since that worker's previous batch). With an
+    Each batch is a dict: ``image`` (B, 3, S, S) (or, from pre-tokenized shards with ``image_tokens``,
+    ``image_tokens`` (B, h, w)), ``text`` (B, L) token ids, ``caption``/``key``/``json`` lists, and
+    bookkeeping: ``worker``, ``epoch``, ``pos`` (the producing worker's position after this batch) and
+    ``skipped`` (bad samples since that worker's previous batch). With an
     ``audio_transform`` also ``audio`` (B, n_mels, frames), zeros where a sample has none, and
     ``has_audio`` (B,) bool.
     """
@@ -180,10 +206,11 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 1000,
         start: dict | None = None,
         audio_transform: Callable | None = None,
+        image_tokens: bool = False,
     ):
         self.urls = urls
         self.batch_size = batch_size
-        self.decoder = SampleDecoder(transform, audio_transform)
+        self.decoder = SampleDecoder(transform, audio_transform, image_tokens)
         self.tokenizer = tokenizer
         self.train = train
         self.seed = seed
@@ -246,11 +273,13 @@ class ShardStream(IterableDataset):
 
     def _collate(self, samples: list[Sample], worker: int, epoch: int, pos: int, skipped: int) -> dict:
         captions = [s.text for s in samples]
-        size = self.decoder.transform.image_size
+        if self.decoder.image_tokens:  # (B, h, w); an empty batch cannot know h, w
+            images = {"image_tokens": torch.stack([s.image for s in samples]) if samples else torch.empty(0, 0, 0)}
+        else:
+            size = self.decoder.transform.image_size
+            images = {"image": torch.stack([s.image for s in samples]) if samples else torch.empty(0, 3, size, size)}
         batch = {
-            "image": torch.stack([s.image for s in samples])
-            if samples
-            else torch.empty(0, 3, size, size),  # (B, 3, S, S)
+            **images,  # (B, 3, S, S) pixels or (B, h, w) tokens
             "text": self.tokenizer(captions),  # (B, L)
             "caption": captions,
             "key": [s.key for s in samples],

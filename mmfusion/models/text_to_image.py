@@ -80,8 +80,13 @@ class TextToImageModel(nn.Module):
         return torch.cat([states, words], dim=1), torch.cat([mask, mask], dim=1)
 
     def forward(self, batch: dict) -> dict:
-        with torch.no_grad():
-            targets = self.tokenizer.encode(batch["image"]).flatten(1)  # (B, N)
+        """Generator loss for ``batch["text"]`` and its images: ``image_tokens`` (B, h, w) when pre-tokenized, else
+        ``image`` (B, 3, H, W), encoded here by the frozen tokenizer."""
+        if "image_tokens" in batch:
+            targets = batch["image_tokens"].flatten(1)  # (B, N)
+        else:
+            with torch.no_grad():
+                targets = self.tokenizer.encode(batch["image"]).flatten(1)  # (B, N)
         states, mask = self._text(batch["text"])
         loss, metrics = self.generator.loss(targets, states, mask)
         return {"loss": loss, **{k: v for k, v in metrics.items() if k != "loss"}}

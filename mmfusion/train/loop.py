@@ -39,6 +39,7 @@ from mmfusion.train.dist import (
 from mmfusion.train.losses import create_contrastive_loss
 from mmfusion.train.optim import create_optimizer, lr_at
 from mmfusion.train.precision import ComputeContext
+from mmfusion.train.pretokenize import pretokenize_shards
 from mmfusion.train.tasks import ContrastiveTask, FusionWeights, LossTask
 
 log = logging.getLogger("mmfusion.train")
@@ -99,10 +100,14 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
 
     # ---- data --------------------------------------------------------------------------------
     image_size = cfg.model.vision.image_size
-    data_plan = None
+    pretokenized = cfg.model.kind == "text_to_image" and tc.pretokenize
+    data_plan, pretokenize_skipped = None, 0
     if dist.is_main:  # rank 0 resolves (and builds the synthetic set) once; every rank then uses its answer
         train_urls = resolve_shards(cfg.data.train, cfg.data, image_size, "train")
         val_urls = resolve_shards(cfg.data.val, cfg.data, image_size, "val") if cfg.data.val else []
+        if pretokenized:  # the generator stage: encode every training image once (mmfusion.train.pretokenize)
+            train_urls, manifest = pretokenize_shards(cfg, train_urls, run_dir, dist.device, autocast, progress)
+            pretokenize_skipped = manifest["skipped_samples"]
         data_plan = (train_urls, val_urls, cfg.data.train_samples or count_samples(train_urls))
     train_urls, val_urls, train_samples = broadcast_object(dist, data_plan)
     readers = dist.world_size * max(1, cfg.data.workers)
@@ -123,7 +128,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
         else:
             log.warning("train.grad_checkpointing is ignored: %s models do not support it", cfg.model.kind)
     optimizer = create_optimizer(model, tc)
-    step, data_start, skipped_total, last_metrics = 0, None, 0, {}
+    # Bad samples the pre-tokenizing pass dropped count once, with rank 0's, in a run's total.
+    step, data_start, skipped_total, last_metrics = 0, None, pretokenize_skipped, {}
     if resume:
         ckpt = ckpt_io.find_checkpoint(run_dir)
         state = ckpt_io.read_state(ckpt)
@@ -169,6 +175,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
         train_urls, tc.batch_size, transform, tokenizer, train=True, seed=tc.seed, rank=dist.rank,
         world_size=dist.world_size, shuffle_buffer=cfg.data.shuffle_buffer, start=data_start,
         audio_transform=audio_transform_for(cfg.model.audio, train=True) if cfg.model.audio.enabled else None,
+        image_tokens=pretokenized,
     )  # fmt: skip
     position = StreamPosition(cfg.data.workers, data_start)
     batches = iter(make_loader(stream, cfg.data.workers))

@@ -1,7 +1,8 @@
 """Multi-stage recipes: a ``text_to_image`` config trains the image tokenizer, then the generator.
 
 One command, two sub-runs under the run directory: ``tokenizer/`` (stage 1, ``model.kind=image_tokenizer``)
-and ``generator/`` (stage 2, starting from stage 1's tokenizer, frozen). ``--resume`` continues whichever
+and ``generator/`` (stage 2, starting from stage 1's tokenizer, frozen; it first encodes the training images into
+token shards once, :mod:`mmfusion.train.pretokenize`). ``--resume`` continues whichever
 stage is unfinished; a finished stage (its checkpoint reached its planned step count) is not retrained.
 """
 

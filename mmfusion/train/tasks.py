@@ -24,8 +24,8 @@ from mmfusion.train.losses import audio_binding_loss, contrastive_loss
 
 
 def _inputs(batch: dict, device: torch.device) -> dict:
-    keys = ("image", "text", "audio", "has_audio") if "audio" in batch else ("image", "text")
-    return {k: batch[k].to(device, non_blocking=True) for k in keys}
+    keys = ("image", "image_tokens", "text", "audio", "has_audio")
+    return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
 
 
 @dataclass(frozen=True)
