@@ -248,11 +248,9 @@ class TrainConfig:
     caption_weight: float = 2.0
     match_weight: float = 1.0
     audio_weight: float = 1.0  # weight of the mean of the audio<->text and audio<->image losses
-    # text_to_image recipes: stage 1 (the image tokenizer) trains for this many steps at this learning rate and
-    # batch size (0: train.batch_size).
+    # text_to_image recipes: stage 1 (the image tokenizer) trains for this many steps at this learning rate.
     tokenizer_steps: int = 300
     tokenizer_lr: float = 1e-3
-    tokenizer_batch_size: int = 0
     pretokenize: bool = True  # stage 2 reads images encoded once by stage 1's tokenizer (no augmentation)
 
     def __post_init__(self):
@@ -262,7 +260,6 @@ class TrainConfig:
         _check_positive(self, "batch_size", "accum_steps", "log_every", "checkpoint_every", "keep_last")
         _check(self.epochs > 0 or self.steps > 0, "set train.epochs or train.steps to a positive number")
         _check(min(self.steps, self.warmup_steps, self.eval_every, self.lr) >= 0, "steps and lr must be >= 0")
-        _check(self.tokenizer_batch_size >= 0, "train.tokenizer_batch_size must be >= 0 (0: train.batch_size)")
         weights = (self.contrastive_weight, self.caption_weight, self.match_weight, self.audio_weight)
         _check(min(weights) >= 0, "loss weights must be >= 0")
 

@@ -22,13 +22,11 @@ STAGE_DIRS = ("tokenizer", "generator")
 
 
 def _stage_configs(cfg: RunConfig, run_dir: Path) -> list[RunConfig]:
-    """Stage 1 trains the tokenizer with ``train.tokenizer_*``; stage 2 uses the rest of the settings."""
-    tc = cfg.train
-    tokenizer_train = dataclasses.replace(
-        tc, steps=tc.tokenizer_steps, lr=tc.tokenizer_lr, batch_size=tc.tokenizer_batch_size or tc.batch_size
-    )
+    """Stage 1 trains the tokenizer for ``train.tokenizer_steps``; stage 2 uses the rest of the settings."""
     tokenizer_cfg = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, kind="image_tokenizer"), train=tokenizer_train
+        cfg,
+        model=dataclasses.replace(cfg.model, kind="image_tokenizer"),
+        train=dataclasses.replace(cfg.train, steps=cfg.train.tokenizer_steps, lr=cfg.train.tokenizer_lr),
     )
     generator_cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, tokenizer_checkpoint=str(run_dir / STAGE_DIRS[0]))
