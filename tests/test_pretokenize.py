@@ -96,6 +96,12 @@ def test_an_interrupted_pass_leaves_no_cache(tmp_path, tokenizer_run, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         pretokenize.pretokenize_shards(_cfg(tokenizer_run), _shards(tmp_path / "src"), tmp_path / "gen", "cpu")
     assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == []
+    # A process killed outright cannot clean up; the next pass removes what it left.
+    (tmp_path / "gen" / ".tokens-partial-killed").mkdir()
+    monkeypatch.undo()
+    sources = _shards(tmp_path / "src2")
+    pretokenize.pretokenize_shards(_cfg(tokenizer_run), sources, tmp_path / "gen", CPU, progress=False)
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["tokens"]
 
 
 def test_token_members_never_unpickle_and_bad_ones_are_skipped(tmp_path):

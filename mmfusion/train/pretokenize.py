@@ -80,6 +80,8 @@ def pretokenize_shards(
     batch_size = 4 * cfg.train.batch_size  # no gradients: larger batches are cheaper per image
     stream = ShardStream(urls, batch_size, transform, _identity, train=False)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
+    for stale in Path(run_dir).glob(f".{CACHE_DIR}-partial-*"):  # from a run killed (SIGKILL, SIGTERM) mid-pass
+        shutil.rmtree(stale, ignore_errors=True)
     partial = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{CACHE_DIR}-partial-"))
     samples = skipped = 0
     total = count_samples(urls)
