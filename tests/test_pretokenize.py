@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmfusion.config import PreprocessConfig, load_config
-from mmfusion.data import ImageTransform, ShardStream, expand_shards, load_image
+from mmfusion.data import ImageTransform, ShardStream, count_samples, expand_shards, load_image
 from mmfusion.data.shards import decode_tokens, encode_tokens
 from mmfusion.data.synthetic import make_sample
 from mmfusion.data.writer import ShardWriter
@@ -60,6 +60,7 @@ def test_tokens_are_the_tokenizers_and_bad_samples_are_counted(tmp_path, tokeniz
     cfg = _cfg(tokenizer_run)
     urls, manifest = pretokenize.pretokenize_shards(cfg, _shards(tmp_path / "src"), tmp_path / "gen", CPU)
     assert (manifest["samples"], manifest["skipped_samples"]) == (9, 1)
+    assert count_samples(urls) == 9  # what an epoch-based run plans its steps from
     tokens, captions, skipped = _read(urls)
     assert skipped == 0 and len(tokens) == 9 and f"{3:06d}" not in tokens
     holder = ImageTokenizerModel(cfg.model)

@@ -71,7 +71,7 @@ def _is_remote(url: str) -> bool:
 
 
 def count_samples(urls: list[str]) -> int:
-    """Count samples with an image in local shards by reading tar headers only."""
+    """Count samples with an image (or, in pre-tokenized shards, image tokens) in local shards from tar headers."""
     total = 0
     for url in urls:
         if _is_remote(url):
@@ -80,9 +80,10 @@ def count_samples(urls: list[str]) -> int:
         try:
             with tarfile.open(url, "r") as tar:
                 for member in tar:
-                    base = os.path.basename(member.name)
-                    if "." in base and base.split(".", 1)[1].lower() in IMAGE_EXTENSIONS:
-                        keys.add(member.name.rsplit(".", 1)[0])
+                    folder, base = os.path.split(member.name)
+                    stem, _, ext = base.partition(".")  # the key ends at the first dot, as webdataset splits it
+                    if ext.lower() in IMAGE_EXTENSIONS or ext == TOKENS_MEMBER:
+                        keys.add(os.path.join(folder, stem))
         except (tarfile.TarError, OSError) as exn:
             log.warning("counting %s stopped early: %s", url, exn)
         total += len(keys)
