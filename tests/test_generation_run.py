@@ -44,6 +44,7 @@ def test_two_stages_train_and_report_their_metrics(gen_run):
     assert tok_eval["psnr"] > 0 and 0 < tok_eval["codebook_usage"] <= 100
     gen_eval = next(r["eval"] for r in stage2 if "eval" in r)
     assert "val_loss" in gen_eval and "color_acc" in gen_eval
+    assert 0 <= gen_eval["recon/color_acc"] <= 100 and "recon/position_acc" in gen_eval  # the tokenizer's ceiling
     # Stage 2 read the training images as tokens, encoded once by stage 1's tokenizer.
     manifest = json.loads((gen_run / "generator" / "tokens" / "manifest.json").read_text())
     assert (manifest["samples"], manifest["skipped_samples"]) == (1200, 0)

@@ -17,6 +17,7 @@ from torch import nn
 
 from mmfusion.data.transforms import to_pil_images
 from mmfusion.eval.generation import (
+    color_position_accuracy,
     generation_metrics,
     load_shape_classifier,
     save_shape_classifier,
@@ -51,18 +52,27 @@ def text_to_image_metrics(
     clip=None,
 ) -> dict[str, float]:
     """Validation loss, then generation metrics on up to ``max_prompts`` held-out single-object captions.
-    ``clip``: a loaded contrastive model (:class:`mmfusion.api.MMFusion`) for R-precision."""
+    ``clip``: a loaded contrastive model (:class:`mmfusion.api.MMFusion`) for R-precision.
+
+    Also ``recon/color_acc`` and ``recon/position_acc``: the same scores for the image tokenizer's reconstructions
+    of those prompts' own images, the most the generator can reach when it draws through that tokenizer."""
     model.eval()
-    total, n, prompts, metas = 0.0, 0, [], []
+    total, n, prompts, metas, recons = 0.0, 0, [], [], []
     for batch in batches:
         if not batch["caption"]:
             continue
+        images = batch["image"].to(device)
         with autocast or nullcontext():
-            out = model({"image": batch["image"].to(device), "text": batch["text"].to(device)})
+            out = model({"image": images, "text": batch["text"].to(device)})
         total += out["loss"].item() * len(batch["caption"])
         n += len(batch["caption"])
         prompts += batch["caption"]
-        metas += [json.loads(m) if m else {} for m in batch["json"]]
+        batch_metas = [json.loads(m) if m else {} for m in batch["json"]]
+        metas += batch_metas
+        single = [i for i, m in enumerate(batch_metas) if m.get("n_objects") == 1]
+        if single and len(recons) < max_prompts:
+            with autocast or nullcontext():
+                recons += to_pil_images(model.tokenizer.decode(model.tokenizer.encode(images[single])).float())
     if not n:
         raise ValueError("the evaluation set is empty")
     metrics = {"eval_samples": float(n), "val_loss": total / n}
@@ -76,6 +86,8 @@ def text_to_image_metrics(
         metrics.update(
             generation_metrics(images, texts, [m for _, m in single], shape_classifier=shape_classifier, **embeddings)
         )
+        ceiling = color_position_accuracy(recons[: len(texts)], texts)
+        metrics.update({f"recon/{k}": v for k, v in ceiling.items() if k.endswith("_acc")})
     return metrics
 
 
