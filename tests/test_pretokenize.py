@@ -89,6 +89,12 @@ def test_cache_is_reused_when_it_fits_and_rebuilt_when_not(tmp_path, tokenizer_r
     assert manifest["samples"] == 4 and len(calls) == 4
 
 
+def test_remote_sources_are_read_without_counting_them_first(tmp_path, tokenizer_run):
+    sources = [f"pipe:cat {url}" for url in _shards(tmp_path / "src")]  # not countable from tar headers
+    _, manifest = pretokenize.pretokenize_shards(_cfg(tokenizer_run), sources, tmp_path / "gen", CPU, progress=False)
+    assert (manifest["samples"], manifest["skipped_samples"]) == (9, 1)
+
+
 def test_an_interrupted_pass_leaves_no_cache(tmp_path, tokenizer_run, monkeypatch):
     def fail(tokens):
         raise KeyboardInterrupt

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from mmfusion.config import RunConfig
-from mmfusion.data import ImageTransform, ShardStream, count_samples
+from mmfusion.data import ImageTransform, ShardError, ShardStream, count_samples
 from mmfusion.data.shards import TOKENS_MEMBER, encode_tokens
 from mmfusion.data.writer import ShardWriter
 from mmfusion.models.text_to_image import ImageTokenizerModel
@@ -84,7 +84,10 @@ def pretokenize_shards(
         shutil.rmtree(stale, ignore_errors=True)
     partial = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{CACHE_DIR}-partial-"))
     samples = skipped = 0
-    total = count_samples(urls)
+    try:
+        total = count_samples(urls)  # for the progress bar only
+    except ShardError:  # remote shards cannot be counted from tar headers
+        total = None
     try:
         with (
             ShardWriter(partial) as writer,
@@ -110,6 +113,6 @@ def pretokenize_shards(
         shutil.rmtree(partial, ignore_errors=True)
         raise
     if skipped:
-        log.warning("pre-tokenizing skipped %d bad samples (of %d)", skipped, total)
+        log.warning("pre-tokenizing skipped %d bad samples (of %d)", skipped, samples + skipped)
     log.info("pre-tokenized %d images into %s", samples, cache)
     return [str(p) for p in sorted(cache.glob("*.tar"))], manifest
