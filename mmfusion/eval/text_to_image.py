@@ -61,9 +61,9 @@ def text_to_image_metrics(
     for batch in batches:
         if not batch["caption"]:
             continue
-        images = batch["image"].to(device)
-        with autocast or nullcontext():
-            out = model({"image": images, "text": batch["text"].to(device)})
+        with autocast or nullcontext():  # encode once: for the loss and for the reconstructions below
+            tokens = model.tokenizer.encode(batch["image"].to(device))  # (B, h, w)
+            out = model({"image_tokens": tokens, "text": batch["text"].to(device)})
         total += out["loss"].item() * len(batch["caption"])
         n += len(batch["caption"])
         prompts += batch["caption"]
@@ -72,7 +72,7 @@ def text_to_image_metrics(
         single = [i for i, m in enumerate(batch_metas) if m.get("n_objects") == 1]
         if single and len(recons) < max_prompts:
             with autocast or nullcontext():
-                recons += to_pil_images(model.tokenizer.decode(model.tokenizer.encode(images[single])).float())
+                recons += to_pil_images(model.tokenizer.decode(tokens[single]).float())
     if not n:
         raise ValueError("the evaluation set is empty")
     metrics = {"eval_samples": float(n), "val_loss": total / n}
