@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmfusion.config import PreprocessConfig, load_config
-from mmfusion.data import ImageTransform, ShardStream, count_samples, expand_shards, load_image
+from mmfusion.data import ImageTransform, ShardError, ShardStream, count_samples, expand_shards, load_image
 from mmfusion.data.shards import decode_tokens, encode_tokens
 from mmfusion.data.synthetic import make_sample
 from mmfusion.data.writer import ShardWriter
@@ -93,6 +93,13 @@ def test_remote_sources_are_read_without_counting_them_first(tmp_path, tokenizer
     sources = [f"pipe:cat {url}" for url in _shards(tmp_path / "src")]  # not countable from tar headers
     _, manifest = pretokenize.pretokenize_shards(_cfg(tokenizer_run), sources, tmp_path / "gen", CPU, progress=False)
     assert (manifest["samples"], manifest["skipped_samples"]) == (9, 1)
+
+
+def test_shards_without_a_usable_sample_are_a_clear_error(tmp_path, tokenizer_run):
+    sources = _shards(tmp_path / "src", n=4, bad=range(4))
+    with pytest.raises(ShardError, match=r"no usable sample .*000000\.tar.*4 bad samples"):
+        pretokenize.pretokenize_shards(_cfg(tokenizer_run), sources, tmp_path / "gen", CPU, progress=False)
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == []  # no cache, no partial folder
 
 
 def test_an_interrupted_pass_leaves_no_cache(tmp_path, tokenizer_run, monkeypatch):

@@ -104,6 +104,9 @@ def pretokenize_shards(
                     writer.write({**sample, "json": meta.encode("utf-8")})
                 samples += len(batch["key"])
                 bar.update(len(batch["key"]) + batch["skipped"])
+        if not samples:  # say which data is unusable, before the generator's stream finds nothing to read
+            names = ", ".join(urls[:3]) + (f" and {len(urls) - 3} more" if len(urls) > 3 else "")
+            raise ShardError(f"no usable sample (image + caption) in {names}; {skipped} bad samples skipped")
         manifest = {**wanted, "samples": samples, "skipped_samples": skipped}
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if cache.exists():  # a cache of other sources or another tokenizer
