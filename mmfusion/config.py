@@ -56,10 +56,16 @@ class VisionConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     pool: str = "token"  # "token" (CLS) or "avg" over patch tokens
+    stem: str = "patch"  # "patch": a linear map per patch (ViT); "conv": stride-2 3x3 convs down to the patch grid
 
     def __post_init__(self):
         _check_positive(self, "image_size", "patch_size", "width", "depth", "heads")
         _check_choice(self.pool, ("token", "avg"), "vision.pool")
+        _check_choice(self.stem, ("patch", "conv"), "vision.stem")
+        _check(
+            self.stem == "patch" or self.patch_size & (self.patch_size - 1) == 0,
+            "vision.patch_size must be a power of two with vision.stem=conv",
+        )
         _check(self.image_size % self.patch_size == 0, "vision.image_size must be a multiple of vision.patch_size")
         _check(self.width % self.heads == 0, "vision.width must be a multiple of vision.heads")
 

@@ -67,6 +67,7 @@ def test_round_trip_through_dict():
         ("train.batch_size=0", "batch_size' must be > 0"),
         ("train.log_every=0", "log_every' must be > 0"),
         ("model.vision.patch_size=7", "multiple of vision.patch_size"),
+        ("model.vision.stem=resnet", "vision.stem' must be one of patch, conv"),
         ("data.crop_scale_min=0", "crop_scale_min"),
     ],
 )

@@ -73,6 +73,28 @@ def test_save_load_is_bit_exact(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_conv_stem_tokens_checkpoint_and_running_stats(tmp_path):
+    """vision.stem=conv: the same token grid as the patch stem, every stem parameter trained, and the batch-norm
+    running statistics (buffers, not parameters) saved and restored, so eval-mode outputs survive a round trip."""
+    torch.manual_seed(0)
+    model = create_model("tiny", vision={"depth": 1, "stem": "conv", "patch_size": 16}, text={"depth": 1})
+    stem = model.visual.trunk.patch_embed.backbone
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in stem) == 4  # 64 -> 4x4 tokens in four stride-2 steps
+    images = torch.rand(4, 3, 64, 64)
+    features, tokens = model.visual(images)  # train mode: updates the running statistics
+    assert tokens.shape == (4, 1 + 16, model.cfg.vision.width)
+    features.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stem.parameters())
+    assert not torch.equal(stem[1].running_mean, torch.zeros_like(stem[1].running_mean))
+
+    path = save_checkpoint(tmp_path, 1, model, None, {"config": {}})
+    other = create_model("tiny", vision={"depth": 1, "stem": "conv", "patch_size": 16}, text={"depth": 1})
+    load_weights(path, other)
+    model.eval(), other.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(other.visual(images)[0], model.visual(images)[0], rtol=0, atol=0)
+
+
 def test_text_pooling_is_at_eot():
     """The text embedding must not change when padding after EOT changes (EOT pooling, causal mask)."""
     torch.manual_seed(0)

@@ -3,15 +3,39 @@
 We reuse timm's ViT (Dosovitskiy et al., 2021) rather than writing our own: its blocks already use
 ``F.scaled_dot_product_attention``, support gradient checkpointing, and are what users know.
 The tower returns the pooled embedding *and* the patch tokens, which the fusion head attends over.
+
+``vision.stem=conv`` swaps the patchify layer for a few stride-2 3x3 convolutions (Xiao et al., 2021, "Early
+Convolutions Help Transformers See Better"), plugged in through timm's ``HybridEmbed``. A linear map per 8x8 patch
+sees a small shape cut by patch borders as unrelated pixel blobs; overlapping convolutions see edges and corners.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+from timm.layers import HybridEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mmfusion.config import VisionConfig
+
+
+def conv_stem(patch_size: int, width: int) -> nn.Sequential:
+    """log2(patch_size) stride-2 conv-BN-ReLU blocks, channels doubling up to width / 2 (HybridEmbed maps to width)."""
+    blocks, c_in = [], 3
+    n = patch_size.bit_length() - 1
+    for i in range(n):
+        c_out = max(width >> (n - i), 8)
+        blocks += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        c_in = c_out
+    return nn.Sequential(*blocks)
+
+
+def _conv_embed(cfg: VisionConfig, img_size, in_chans, embed_dim, bias, **_) -> HybridEmbed:
+    # timm hands the ViT's patch size to its embed layer; after the stem each feature pixel is one token.
+    backbone = conv_stem(cfg.patch_size, cfg.width)
+    return HybridEmbed(backbone, img_size, patch_size=1, in_chans=in_chans, embed_dim=embed_dim, bias=bias)
 
 
 class VisionTower(nn.Module):
@@ -28,6 +52,7 @@ class VisionTower(nn.Module):
             num_classes=0,
             global_pool=cfg.pool,
             class_token=True,
+            **({"embed_layer": partial(_conv_embed, cfg)} if cfg.stem == "conv" else {}),
         )
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=cfg.width**-0.5)
