@@ -90,6 +90,10 @@ def main() -> None:
     parser.add_argument("--train-scenes", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.patch < 1 or 64 % args.patch or args.patch & (args.patch - 1):
+        parser.error(f"--patch must be a power of two that divides 64, got {args.patch}")
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
     train = single_object_scenes(args.train_scenes, "train", args.seed)
     val = single_object_scenes(500, "val", args.seed)
     results = {}

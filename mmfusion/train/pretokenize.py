@@ -44,12 +44,13 @@ def _identity(captions: list[str]) -> list[str]:
     return captions  # the captions are copied as text; the generator's own text tokenizer reads them later
 
 
-def _manifest_matches(cache: Path, wanted: dict) -> bool:
+def _reusable_manifest(cache: Path, wanted: dict) -> dict | None:
+    """The cache's manifest when it was built from ``wanted``'s sources by its tokenizer, else None."""
     try:
         found = json.loads((cache / MANIFEST).read_text())
     except (OSError, ValueError):
-        return False
-    return all(found.get(k) == v for k, v in wanted.items())
+        return None
+    return found if all(found.get(k) == v for k, v in wanted.items()) else None
 
 
 @torch.no_grad()
@@ -69,8 +70,7 @@ def pretokenize_shards(
     cache = Path(run_dir) / CACHE_DIR
     tokenizer_ckpt = ckpt_io.find_checkpoint(cfg.model.tokenizer_checkpoint)
     wanted = {"format": 1, "sources": list(urls), "tokenizer": str(tokenizer_ckpt.resolve()), "member": TOKENS_MEMBER}
-    if _manifest_matches(cache, wanted):
-        manifest = json.loads((cache / MANIFEST).read_text())
+    if (manifest := _reusable_manifest(cache, wanted)) is not None:
         return [str(p) for p in sorted(cache.glob("*.tar"))], manifest
 
     holder = ImageTokenizerModel(cfg.model)
@@ -100,8 +100,8 @@ def pretokenize_shards(
                 with autocast or nullcontext():
                     ids = tokenizer.encode(batch["image"].to(device))  # (B, h, w)
                 for key, caption, meta, tokens in zip(batch["key"], batch["caption"], batch["json"], ids, strict=True):
-                    sample = {"__key__": key, TOKENS_MEMBER: encode_tokens(tokens), "txt": caption.encode("utf-8")}
-                    writer.write({**sample, "json": meta.encode("utf-8")})
+                    sample = {"__key__": key, TOKENS_MEMBER: encode_tokens(tokens)}
+                    writer.write({**sample, "txt": caption.encode(), "json": meta.encode()})
                 samples += len(batch["key"])
                 bar.update(len(batch["key"]) + batch["skipped"])
         if not samples:  # say which data is unusable, before the generator's stream finds nothing to read
