@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--n", type=int, default=6, help="images per prompt")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the checkpoint's config)")
     parser.add_argument("--out", default="text_to_image.png")
     parser.add_argument("--recon-out", default="reconstructions.png", help="tokenizer round trip grid ('' = skip)")
     args = parser.parse_args(argv)

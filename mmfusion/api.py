@@ -247,24 +247,27 @@ class MMFusion:
         self,
         prompts: str | Sequence[str],
         n: int = 1,
-        steps: int = 8,
-        guidance: float = 3.0,
+        steps: int | None = None,
+        guidance: float | None = None,
         temperature: float = 1.0,
+        top_k: int | None = None,
         seed: int | None = None,
         batch_size: int = 32,
     ) -> list[Image.Image]:
-        """``n`` images per prompt (prompt-major order), decoded from tokens sampled by the generator in ``steps``
-        parallel steps with classifier-free ``guidance`` (1: none). The same ``seed`` gives the same images."""
+        """``n`` images per prompt (prompt-major order), decoded from tokens sampled by the generator with
+        classifier-free ``guidance`` (1: none) from the ``top_k`` most probable codes (0: all); both default to the
+        checkpoint's config. ``steps``: parallel steps of a masked generator (default 8; an autoregressive one takes
+        one per token and refuses it). The same ``seed`` gives the same images."""
         self._require("generator", "text-to-image generator")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         for p in prompts:
             self.check_prompt(p)
-        if n < 1 or steps < 1:
+        if n < 1 or (steps is not None and steps < 1):
             raise ValueError("n and steps must be >= 1")
         expanded = [p for p in prompts for _ in range(n)]
         return generate_for_prompts(
             self.model, self.tokenizer, expanded, self.device, seed if seed is not None else torch.seed(), batch_size,
-            steps=steps, guidance=guidance, temperature=temperature,
+            steps=steps, guidance=guidance, temperature=temperature, top_k=top_k,
         )  # fmt: skip
 
     def evaluate(self, shards: str, batch_size: int = 128, workers: int = 1, **extra) -> dict[str, float]:

@@ -152,10 +152,20 @@ class ImageTokenizerConfig:
         _check(self.image_size % 2 ** (len(self.channels) - 1) == 0, "image_tokenizer.image_size must divide evenly")
 
 
+GENERATOR_KINDS = ("masked", "autoregressive")
+
+
 @dataclass(frozen=True)
 class GeneratorConfig:
-    """Stage 2 of generation: the masked-token transformer conditioned on the text tower's token states."""
+    """Stage 2 of generation: the image-token transformer conditioned on the text tower's token states.
 
+    ``kind``: ``masked`` (MaskGIT: all tokens start masked, the most confident are fixed over a few parallel steps)
+    or ``autoregressive`` (raster order, one token per step). ``guidance`` and ``top_k`` are sampling defaults that
+    ``generate`` calls can override. An autoregressive generator wants less guidance than a masked one (1.5 against
+    3.0 on the synthetic data: see ``mmfusion.models.generator``), so set both when switching kinds.
+    """
+
+    kind: str = "masked"  # old checkpoints have no kind: they are all masked generators
     width: int = 256
     depth: int = 4
     heads: int = 4
@@ -164,9 +174,14 @@ class GeneratorConfig:
     # Cross-attend to the caption's word embeddings as well as the text tower's output states: see
     # mmfusion.models.text_to_image for why (colour and position words are bound much sooner).
     word_memory: bool = True
+    guidance: float = 3.0  # classifier-free guidance scale at sampling; 1 = none
+    top_k: int = 0  # sampling draws from the k most probable codes only; 0 = all
 
     def __post_init__(self):
+        _check_choice(self.kind, GENERATOR_KINDS, "generator.kind")
         _check_positive(self, "width", "depth", "heads")
+        _check(self.top_k >= 0, "generator.top_k must be >= 0 (0 samples from every code)")
+        _check(self.guidance >= 0, "generator.guidance must be >= 0")
         _check(self.width % self.heads == 0, "generator.width must be a multiple of generator.heads")
         # 1 trains an unconditional generator (the text is never read): unusual, but well defined.
         _check(0 <= self.cond_dropout <= 1, "generator.cond_dropout must be in [0, 1]")

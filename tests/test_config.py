@@ -69,6 +69,9 @@ def test_round_trip_through_dict():
         ("model.vision.patch_size=7", "multiple of vision.patch_size"),
         ("model.vision.stem=resnet", "vision.stem' must be one of patch, conv"),
         ("data.crop_scale_min=0", "crop_scale_min"),
+        ("model.generator.kind=diffusion", "generator.kind' must be one of masked, autoregressive"),
+        ("model.generator.top_k=-1", "generator.top_k must be >= 0"),
+        ("model.generator.guidance=-1", "generator.guidance must be >= 0"),
     ],
 )
 def test_values_are_checked(override, message):

@@ -1,4 +1,4 @@
-"""Image tokenizer (FSQ autoencoder) and text-conditioned masked-token generator: quantiser, schedule, sampling."""
+"""Image tokenizer (FSQ autoencoder) and the text-conditioned token generators (masked and autoregressive)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import torch
 
 from mmfusion.config import GeneratorConfig
 from mmfusion.models.generator import (
+    AutoregressiveTokenGenerator,
     TokenGenerator,
     cosine_schedule,
+    create_generator,
+    draw_codes,
     guided_logits,
     masked_cross_entropy,
 )
@@ -149,10 +152,13 @@ def test_short_tokenizer_training_reconstructs_beyond_what_a_broken_quantiser_co
 # --- generator -----------------------------------------------------------------------------------------------
 
 
-def _generator(**overrides) -> TokenGenerator:
+def _generator(**overrides) -> TokenGenerator | AutoregressiveTokenGenerator:
     torch.manual_seed(0)
     cfg = dataclasses.replace(TINY_GENERATOR, **overrides)
-    return TokenGenerator(cfg, CODEBOOK, GRID, TEXT_WIDTH)
+    return create_generator(cfg, CODEBOOK, GRID, TEXT_WIDTH)
+
+
+KINDS = pytest.mark.parametrize("kind", ["masked", "autoregressive"])
 
 
 def _text(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,16 +223,17 @@ def test_loss_is_finite_and_only_masked_positions_contribute():
     assert torch.equal(masked_cross_entropy(logits, tokens, masked), masked_cross_entropy(logits, targets, masked))
 
 
-def test_full_condition_dropout_makes_the_loss_independent_of_the_text():
+@KINDS
+def test_full_condition_dropout_makes_the_loss_independent_of_the_text(kind):
     tokens = torch.randint(0, 16, (4, GRID**2))
     (a, mask_a), (b, mask_b) = _text(4, seed=1), _text(4, seed=2)
 
     def loss(model, states, mask):
         return model.loss(tokens, states, mask, generator=torch.Generator().manual_seed(0))[0]
 
-    dropped = _generator(cond_dropout=1.0).train()
+    dropped = _generator(kind=kind, cond_dropout=1.0).train()
     torch.testing.assert_close(loss(dropped, a, mask_a), loss(dropped, b, mask_b), rtol=0, atol=1e-6)
-    kept = _generator(cond_dropout=0.0).train()
+    kept = _generator(kind=kind, cond_dropout=0.0).train()
     assert not torch.allclose(loss(kept, a, mask_a), loss(kept, b, mask_b))
 
 
@@ -259,8 +266,9 @@ def test_sampling_is_seeded_complete_and_follows_the_schedule():
     assert torch.equal(history[-1][1], tokens)
 
 
-def test_short_generator_training_lowers_the_loss():
-    model = _generator(cond_dropout=0.1)
+@KINDS
+def test_short_generator_training_lowers_the_loss(kind):
+    model = _generator(kind=kind, cond_dropout=0.1)
     g = torch.Generator().manual_seed(0)
     grids = torch.randint(0, 16, (2, model.num_tokens), generator=g)  # one fixed grid per "caption"
     states, mask = _text(2, seed=5)
@@ -284,6 +292,56 @@ def test_short_generator_training_lowers_the_loss():
     # The text steers guided sampling: each caption's samples mostly reproduce its grid (chance is 1 / 16).
     samples = model.eval().sample(states[:2], mask[:2], generator=torch.Generator().manual_seed(0))
     assert ((samples == grids).float().mean(dim=1) > 0.5).all()
+
+
+def test_autoregressive_logits_only_read_earlier_tokens():
+    model = _generator(kind="autoregressive").eval()
+    states, mask = _text(2)
+    tokens = torch.randint(0, 16, (2, model.num_tokens))
+    changed = tokens.clone()
+    j = 20
+    changed[:, j] = (changed[:, j] + 1) % 16
+    with torch.no_grad():
+        a, b = model(tokens, states, mask), model(changed, states, mask)
+        prefix = model(tokens[:, : j + 1], states, mask)  # a shorter input gives the same rows
+    assert torch.equal(a[:, : j + 1], b[:, : j + 1])  # row i predicts token i from tokens before it
+    assert not torch.allclose(a[:, j + 1], b[:, j + 1])
+    torch.testing.assert_close(prefix, a[:, : j + 1])
+
+
+def test_autoregressive_sampling_is_seeded_and_draws_what_the_model_predicts():
+    model = _generator(kind="autoregressive").eval()
+    states, mask = _text(3)
+
+    def sample(seed, **kw):
+        return model.sample(states, mask, generator=torch.Generator().manual_seed(seed), **kw)
+
+    first = sample(0)
+    assert torch.equal(first, sample(0)) and not torch.equal(first, sample(1))
+    assert first.shape == (3, model.num_tokens) and first.min() >= 0 and first.max() < model.codebook_size
+    # Greedy sampling, token by token, equals the argmax of one teacher-forced pass over its own output.
+    for guidance in (1.0, 2.5):
+        greedy = sample(0, guidance=guidance, temperature=0.0)
+        with torch.no_grad():
+            drop = torch.tensor([False] * 3 + [True] * 3)
+            both = model(greedy.repeat(2, 1), states.repeat(2, 1, 1), mask.repeat(2, 1), drop)
+        assert torch.equal(guided_logits(both[:3], both[3:], guidance).argmax(dim=-1), greedy)
+    history = []
+    model.sample(states, mask, callback=lambda t, x: history.append((x != model.mask_id).sum(dim=1)))
+    assert [int(n[0]) for n in history] == list(range(1, model.num_tokens + 1))
+
+
+def test_top_k_draws_only_among_the_k_most_probable_codes():
+    logits = torch.randn(500, 16)
+    g = torch.Generator().manual_seed(0)
+    codes, _ = draw_codes(logits, 1.0, 1, g)
+    assert torch.equal(codes, logits.argmax(dim=-1))
+    codes, filtered = draw_codes(logits, 2.0, 3, g)
+    top3 = logits.topk(3, dim=-1).indices
+    assert (codes[:, None] == top3).any(dim=1).all()
+    assert (codes != logits.argmax(dim=-1)).any()  # it still samples among the three
+    assert torch.isinf(filtered).sum(dim=1).eq(13).all()
+    assert torch.equal(draw_codes(logits, 0.0, 0, g)[0], logits.argmax(dim=-1))
 
 
 # --- text conditioning ------------------------------------------------------------------------------------------

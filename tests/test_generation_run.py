@@ -59,8 +59,12 @@ def test_two_stages_train_and_report_their_metrics(gen_run):
 def test_generator_can_encode_images_on_the_fly(gen_run, synthetic, tmp_path):
     overrides = [*SMALL, "train.pretokenize=false", "train.steps=2", f"data.train={synthetic['train']}", "data.val="]
     overrides.append(f"model.tokenizer_checkpoint={gen_run / 'tokenizer'}")
+    overrides.append("model.generator.kind=masked")  # the other generator kind, end to end
     result = train(load_config("tiny-gen", overrides), run_dir=tmp_path / "gen", progress=False)
     assert result["step"] == 2 and not (tmp_path / "gen" / "tokens").exists()
+    model = mmfusion.load(tmp_path / "gen")
+    a, b = (model.generate("a red circle", n=2, steps=2, seed=0) for _ in range(2))
+    assert len(a) == 2 and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.slow
@@ -79,11 +83,13 @@ def test_api_tokenize_decode_generate(gen_run):
     assert tokens.shape == (2, 8, 8) and tokens.dtype == torch.long
     decoded = model.decode_tokens(tokens)
     assert len(decoded) == 2 and decoded[0].size == (64, 64)
-    a = model.generate(["a red circle", "a blue star"], n=2, steps=3, seed=0)
-    b = model.generate(["a red circle", "a blue star"], n=2, steps=3, seed=0)
-    c = model.generate(["a red circle", "a blue star"], n=2, steps=3, seed=1)
+    a = model.generate(["a red circle", "a blue star"], n=2, seed=0)
+    b = model.generate(["a red circle", "a blue star"], n=2, seed=0)
+    c = model.generate(["a red circle", "a blue star"], n=2, seed=1, guidance=3.0, top_k=5)
     assert len(a) == 4 and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
     assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, c, strict=True))
+    with pytest.raises(ValueError, match="steps applies to masked generators"):
+        model.generate("a red circle", steps=3)  # tiny-gen's generator is autoregressive: one step per token
     for bad in ("", "   ", "word " * 40):
         with pytest.raises(ValueError, match="prompt"):
             model.generate(bad)
@@ -92,7 +98,7 @@ def test_api_tokenize_decode_generate(gen_run):
 @pytest.mark.slow
 def test_generate_tool(gen_run, tmp_path, capsys):
     out = tmp_path / "grid.png"
-    args = ["--checkpoint", str(gen_run), "--n", "4", "--steps", "2", "--out", str(out)]
+    args = ["--checkpoint", str(gen_run), "--n", "4", "--guidance", "2", "--top-k", "10", "--out", str(out)]
     assert generate_tool.main([*args, "--text", "a small red star above a blue square"]) == 0
     grid = Image.open(out)
     assert grid.size[0] > 64 and grid.size[1] > 64  # a 2x2 grid with padding
@@ -100,6 +106,8 @@ def test_generate_tool(gen_run, tmp_path, capsys):
         assert generate_tool.main([*args, "--text", bad]) == 2
         err = capsys.readouterr().err.strip()
         assert why in err and "\n" not in err
+    assert generate_tool.main([*args, "--steps", "4", "--text", "a red star"]) == 2
+    assert "steps applies to masked generators" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -2,8 +2,8 @@
 
 Stage 1, :class:`ImageTokenizerModel`, learns the FSQ autoencoder (:mod:`mmfusion.models.image_tokenizer`).
 Stage 2, :class:`TextToImageModel`, freezes that tokenizer and trains a text tower (open_clip's, as in the
-contrastive model) together with the masked-token generator (:mod:`mmfusion.models.generator`) that
-cross-attends to its token states. Images enter in [-1, 1] (``model.preprocess`` mean = std = 0.5).
+contrastive model) together with the token generator (:mod:`mmfusion.models.generator`, masked or
+autoregressive) that cross-attends to its token states. Images enter in [-1, 1] (``model.preprocess`` mean = std = 0.5).
 
 Why a fresh text tower rather than a contrastive model's: the run stays self-contained (one config, one
 command, no second checkpoint to keep in sync), and on the synthetic data the tower learns the few words it
@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmfusion.config import ModelConfig
-from mmfusion.models.generator import TokenGenerator
+from mmfusion.models.generator import create_generator
 from mmfusion.models.image_tokenizer import ImageTokenizer
 from mmfusion.models.text import TextTower
 
@@ -56,7 +56,7 @@ class TextToImageModel(nn.Module):
         self.tokenizer.requires_grad_(False)
         self.text = TextTower(cfg.text, cfg.embed_dim)
         self.text.transformer.text_projection = None  # the generator reads token states, never the pooled vector
-        self.generator = TokenGenerator(
+        self.generator = create_generator(
             cfg.generator, self.tokenizer.codebook_size, self.tokenizer.grid_size, text_width=cfg.text.width
         )
 
@@ -95,16 +95,31 @@ class TextToImageModel(nn.Module):
     def generate(
         self,
         text_tokens: torch.Tensor,
-        steps: int = 8,
-        guidance: float = 3.0,
+        steps: int | None = None,
+        guidance: float | None = None,
         temperature: float = 1.0,
+        top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L) prompt token ids -> image tokens (B, h, w) and decoded images (B, 3, H, W) in [-1, 1]."""
+        """(B, L) prompt token ids -> image tokens (B, h, w) and decoded images (B, 3, H, W) in [-1, 1].
+
+        ``guidance`` and ``top_k`` default to the config's (``generator.guidance``, ``generator.top_k``). ``steps``
+        (default 8) is the number of parallel steps of a masked generator; an autoregressive one always takes one
+        step per token and refuses a ``steps``.
+        """
+        cfg = self.cfg.generator
+        options = {
+            "guidance": cfg.guidance if guidance is None else guidance,
+            "top_k": cfg.top_k if top_k is None else top_k,
+            "temperature": temperature,
+            "generator": generator,
+        }
+        if cfg.kind == "masked":
+            options["steps"] = 8 if steps is None else steps
+        elif steps is not None:
+            raise ValueError(f"steps applies to masked generators; this one is {cfg.kind} (one step per token)")
         states, mask = self._text(text_tokens)
-        ids = self.generator.sample(
-            states, mask, steps=steps, guidance=guidance, temperature=temperature, generator=generator
-        )  # (B, N)
+        ids = self.generator.sample(states, mask, **options)  # (B, N)
         grid = self.tokenizer.grid_size
         tokens = ids.view(-1, grid, grid)
         return tokens, self.tokenizer.decode(tokens)
