@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=6, help="images per prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the checkpoint's config)")
+    parser.add_argument("--top-k", type=int, help="draw among the k most probable codes (default: the config's)")
     parser.add_argument("--out", default="text_to_image.png")
     parser.add_argument("--recon-out", default="reconstructions.png", help="tokenizer round trip grid ('' = skip)")
     args = parser.parse_args(argv)
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = mmfusion.load(args.checkpoint)
     prompts = args.prompts or list(PROMPTS)
-    images = model.generate(prompts, n=args.n, guidance=args.guidance, seed=args.seed)
+    images = model.generate(prompts, n=args.n, guidance=args.guidance, top_k=args.top_k, seed=args.seed)
     save_image_grid(images, args.out, columns=args.n)
     for row, prompt in enumerate(prompts):
         print(f"row {row + 1}: {prompt}")
