@@ -18,10 +18,14 @@ Choices worth knowing:
 - Default levels (8, 5, 5, 5): codebook size 1000, the paper's recommendation for a ~2^10 codebook.
 - Even levels: a symmetric squash rounded to an even number of integers is not centred on zero, so the bounded
   value is shifted by half a step (``offset``) and the squash's input is shifted so that z = 0 still maps to 0.
-- The decoder's output is unbounded during training and the loss (L1) is taken on it, so pixels at exactly +-1
+- The decoder's output is unbounded during training and the loss (MSE) is taken on it, so pixels at exactly +-1
   (saturated colours are common in our data) get gradients, unlike under a tanh; ``decode`` and ``forward``
-  return it clamped to [-1, 1]. L1 rather than MSE: it weighs small errors more and favours flat regions and
-  sharp edges over blur; no perceptual or adversarial term, which flat synthetic shapes do not need.
+  return it clamped to [-1, 1]. No perceptual or adversarial term, which flat synthetic shapes do not need.
+- MSE rather than L1: L1 pulls each pixel towards the median of what a code may stand for, and for a token
+  holding a small object that is the background, so on some seeds the 300-step tokenizer learned to erase
+  small objects' colours. The colour of the prompts' own held-out images after a round trip (the most a
+  generator can draw, ``recon/color_acc``), 300 steps: L1 90.0% (seed 0), 33.5% (seed 1); MSE 99.5%, 100%,
+  99.5% (seeds 0, 1, 2), and PSNR 29.4-29.8 dB against 24.0-25.7.
 """
 
 from __future__ import annotations
@@ -213,7 +217,7 @@ class ImageTokenizer(nn.Module):
         return self.decoder(latents).clamp(-1, 1)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Reconstruct images (B, 3, H, W): ``recon`` (clamped), ``tokens`` (B, h, w) and the L1 ``loss``."""
+        """Reconstruct images (B, 3, H, W): ``recon`` (clamped), ``tokens`` (B, h, w) and the MSE ``loss``."""
         latents, ids = self._quantize(images)
         raw = self.decoder(latents)  # (B, 3, H, W), unbounded so saturated pixels still get gradients
-        return {"recon": raw.clamp(-1, 1), "tokens": ids, "loss": F.l1_loss(raw, images)}
+        return {"recon": raw.clamp(-1, 1), "tokens": ids, "loss": F.mse_loss(raw, images)}
