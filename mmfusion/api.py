@@ -264,6 +264,8 @@ class MMFusion:
             self.check_prompt(p)
         if n < 1 or (steps is not None and steps < 1):
             raise ValueError("n and steps must be >= 1")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 draws from every code), got {top_k}")
         expanded = [p for p in prompts for _ in range(n)]
         return generate_for_prompts(
             self.model, self.tokenizer, expanded, self.device, seed if seed is not None else torch.seed(), batch_size,

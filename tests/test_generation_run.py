@@ -108,6 +108,8 @@ def test_generate_tool(gen_run, tmp_path, capsys):
         assert why in err and "\n" not in err
     assert generate_tool.main([*args, "--steps", "4", "--text", "a red star"]) == 2
     assert "steps applies to masked generators" in capsys.readouterr().err
+    assert generate_tool.main([*args, "--top-k", "-1", "--text", "a red star"]) == 2
+    assert "top_k must be >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
