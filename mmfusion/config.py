@@ -105,6 +105,9 @@ class FusionConfig:
     # token would cost more than both towers on a CPU; frequent ids (BPE ids roughly follow frequency)
     # get the full width, rarer ones a narrower projection.
     vocab_cutoffs: tuple[int, ...] = (2000, 10000)
+    # A learned position embedding on the image tokens the decoder reads, at the scale of their content (see
+    # FusionHead). False keeps the layout of checkpoints saved before it existed.
+    image_position_embedding: bool = False
 
     def __post_init__(self):
         _check_positive(self, "depth", "heads")

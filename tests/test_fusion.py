@@ -228,3 +228,22 @@ def test_rerank_reads_images_back_from_shards(fusion_run, synthetic, tmp_path, c
         hits = index.search("a small red circle", k=10, rerank=True)
     assert len(hits) == 10 and "cannot be re-read" not in caplog.text
     assert all(math.isfinite(h.score) for h in hits)  # every candidate was re-read and scored
+
+
+def test_image_position_embedding_tells_grid_cells_apart_and_skips_weight_decay():
+    """fusion.image_position_embedding: the decoder's memory differs between grid cells even where the tower's
+    tokens are identical (so it can say where a token is), it is not decayed, and it is off unless asked for."""
+    torch.manual_seed(0)
+    cfg = load_config("tiny", [*TINY, *FUSION, "model.fusion.image_position_embedding=true"]).model
+    model = create_model(cfg)
+    grid = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
+    same = torch.randn(1, 1, cfg.vision.width).expand(2, 1 + grid, -1)  # every token the same vector
+    memory, _ = model.fusion.memory(same)
+    assert memory.shape == (2, 1 + grid, cfg.text.width)
+    assert torch.cdist(memory[0], memory[0]).add(torch.eye(1 + grid) * 1e9).min() > 1.0  # no two cells alike
+    assert "fusion.image_pos" in model.no_weight_decay()
+
+    plain = create_model(load_config("tiny", [*TINY, *FUSION, "model.fusion.image_position_embedding=false"]).model)
+    assert plain.fusion.image_pos is None
+    memory, _ = plain.fusion.memory(same)
+    torch.testing.assert_close(memory[0, 1:], memory[0, :1].expand(grid, -1))  # without it, identical

@@ -34,7 +34,10 @@ class CLIPModel(nn.Module):
         # Created only for the sigmoid loss: an unused parameter would break DDP's gradient sync.
         self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.logit_bias else None
         audio_width = cfg.audio.width if cfg.audio.enabled else None
-        self.fusion = FusionHead(cfg.fusion, cfg.text, cfg.vision.width, audio_width) if cfg.fusion.enabled else None
+        image_tokens = 1 + (cfg.vision.image_size // cfg.vision.patch_size) ** 2  # CLS + the patch grid
+        self.fusion = None
+        if cfg.fusion.enabled:
+            self.fusion = FusionHead(cfg.fusion, cfg.text, cfg.vision.width, image_tokens, audio_width)
         self.audio = AudioTower(cfg.audio, cfg.embed_dim) if cfg.audio.enabled else None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -52,6 +55,8 @@ class CLIPModel(nn.Module):
         names |= {f"text.transformer.{n}" for n in self.text.transformer.no_weight_decay()}
         if self.audio is not None:
             names |= {f"audio.trunk.{n}" for n in self.audio.trunk.no_weight_decay()}
+        if self.fusion is not None and self.fusion.image_pos is not None:
+            names.add("fusion.image_pos")
         return names
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
