@@ -22,12 +22,18 @@ from mmfusion.config import VisionConfig
 
 
 def conv_stem(patch_size: int, width: int) -> nn.Sequential:
-    """log2(patch_size) stride-2 conv-BN-ReLU blocks, channels doubling up to width / 2 (HybridEmbed maps to width)."""
+    """log2(patch_size) stride-2 conv-norm-ReLU blocks, channels doubling up to width / 2 (HybridEmbed maps to width).
+
+    The norm is GroupNorm with one group (each image normalised over all its channels and pixels), not Xiao et al.'s
+    batch norm: batch statistics would make a sample's output depend on its batch, so gradient accumulation and DDP
+    ranks would no longer add up to the full batch, and eval would differ from training. One group, not one per
+    channel, keeps an image's overall colour, which captions name.
+    """
     blocks, c_in = [], 3
     n = patch_size.bit_length() - 1
     for i in range(n):
         c_out = max(width >> (n - i), 8)
-        blocks += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        blocks += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(1, c_out), nn.ReLU()]
         c_in = c_out
     return nn.Sequential(*blocks)
 
