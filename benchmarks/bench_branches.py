@@ -41,7 +41,8 @@ def _ours(overrides: dict, batch: dict, autocast):
     from mmfusion.train.optim import create_optimizer
     from mmfusion.train.tasks import ContrastiveTask, FusionWeights
 
-    cfg = load_config("tiny")
+    # The plain 8 px patchify, not tiny's conv stem: the open_clip CoCa reference below has that tower.
+    cfg = load_config("tiny", ["model.vision.stem=patch", "model.vision.patch_size=8"])
     model = create_model(cfg.model, **overrides).train()
     fusion = FusionWeights() if model.fusion is not None else None
     audio = 1.0 if model.audio is not None else None

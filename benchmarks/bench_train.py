@@ -37,6 +37,10 @@ OPEN_CLIP_CONFIG = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 4},
 }
 
+# tiny's image tower is a conv-stem ViT at 16 px tokens; open_clip has no such tower, so ours runs the plain
+# 8 px patchify here and both train the same shape.
+SAME_TOWER = ["model.vision.stem=patch", "model.vision.patch_size=8"]
+
 OPEN_CLIP_LAUNCHER = """
 import json, sys
 import open_clip, open_clip_train.data as data
@@ -107,7 +111,7 @@ def bench_mmfusion(shards: str, n_samples: int, args, workdir: Path, env: dict) 
     steps = n_samples // args.batch_size
     cmd = [
         sys.executable, str(Path(__file__).resolve().parent.parent / "tools" / "train.py"),
-        "--config", "tiny", "--run-dir", str(run_dir), "--no-progress",
+        "--config", "tiny", "--run-dir", str(run_dir), "--no-progress", *SAME_TOWER,
         f"data.train={shards}", "data.val=", f"data.train_samples={n_samples}", f"data.workers={args.workers}",
         f"train.batch_size={args.batch_size}", f"train.steps={steps}", f"train.log_every={args.log_every}",
         "train.checkpoint_every=1000000", "train.tensorboard=false", f"train.precision={args.precision}",
@@ -134,7 +138,7 @@ def profile_mmfusion(shards: str, args) -> None:
     from mmfusion.train.precision import ComputeContext
     from mmfusion.train.tasks import ContrastiveTask
 
-    cfg = load_config("tiny")
+    cfg = load_config("tiny", SAME_TOWER)
     model = create_model(cfg.model)
     optimizer = create_optimizer(model, cfg.train)
     tokenizer = create_tokenizer(32)

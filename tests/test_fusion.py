@@ -10,7 +10,7 @@ from PIL import Image
 import mmfusion
 from mmfusion import SearchIndex, create_model
 from mmfusion.api import ImageLoadError
-from mmfusion.config import load_config
+from mmfusion.config import FusionConfig, load_config
 from mmfusion.data.synthetic import make_sample
 from mmfusion.models import create_tokenizer
 from mmfusion.models.fusion import PAD, sample_hard_negatives
@@ -243,6 +243,7 @@ def test_image_position_embedding_tells_grid_cells_apart_and_skips_weight_decay(
     assert torch.cdist(memory[0], memory[0]).add(torch.eye(1 + grid) * 1e9).min() > 1.0  # no two cells alike
     assert "fusion.image_pos" in model.no_weight_decay()
 
+    assert not FusionConfig().image_position_embedding  # older fusion checkpoints' configs lack the key
     plain = create_model(load_config("tiny", [*TINY, *FUSION, "model.fusion.image_position_embedding=false"]).model)
     assert plain.fusion.image_pos is None
     memory, _ = plain.fusion.memory(same)

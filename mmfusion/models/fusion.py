@@ -70,7 +70,7 @@ class FusionHead(nn.Module):
         self.image_proj = nn.Linear(vision_width, width)
         # Where an object is must reach the caption's position words. The ViT's own position embedding starts
         # at std 0.02 under content of std ~1 and is mixed away by its blocks; only a direct signal (a label per
-        # image) grows it fast. Captioning alone left positions at chance after 900 steps, even with a conv stem
+        # image) grows it fast. Joint training left caption positions at chance after 900 steps, even with a conv stem
         # that learns them from labels in 100 (benchmarks/probe_vision_stem.py). So the decoder gets its own
         # embedding per image token at the scale of the projected content (std ~0.58): it finds the object by
         # content (the colour it has just named) and reads its place from this.
