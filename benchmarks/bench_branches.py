@@ -4,14 +4,16 @@
 Same batch of random 64 px images and real synthetic captions, bf16 autocast, the optimizer step included,
 data loading excluded (it is measured separately for audio):
 
-- ``tiny`` contrastive (the reference for both branches), ``tiny`` + fusion head, ``tiny`` + audio tower;
-- open_clip's CoCa with the same towers and a 2-layer multimodal decoder, trained with open_clip's
+- ``tiny`` contrastive (the reference for both branches) and ``tiny`` + fusion head, with the shipped conv-stem
+  image tower; the same two with the plain 8 px patchify (``patch8``), the tower open_clip's CoCa has and
+  ``tiny-audio`` keeps, and ``patch8`` + audio tower;
+- open_clip's CoCa with the same towers as ``patch8`` and a 2-layer multimodal decoder, trained with open_clip's
   ``CoCaLoss`` (full-vocabulary softmax), the reference for our fusion head (adaptive softmax). Its other
   defaults are kept (attentional pooler with 256 queries as decoder memory, where we use the 65 image tokens);
 - the audio front end per clip (FLAC decode, 8 -> 16 kHz resampling, log-mel), single-threaded as in a
   loader worker, next to the image decode + transform it runs beside.
 
-    python benchmarks/bench_branches.py            # ~2 minutes on 2 cores
+    python benchmarks/bench_branches.py            # ~3 minutes on 2 cores
 The last line printed is one JSON object with the figures.
 """
 
@@ -34,15 +36,17 @@ def _time_steps(step, warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def _ours(overrides: dict, batch: dict, autocast):
+PATCH8 = ["model.vision.stem=patch", "model.vision.patch_size=8"]
+
+
+def _ours(tower: list[str], overrides: dict, batch: dict, autocast):
     from mmfusion import create_model
     from mmfusion.config import load_config
     from mmfusion.train.losses import create_contrastive_loss
     from mmfusion.train.optim import create_optimizer
     from mmfusion.train.tasks import ContrastiveTask, FusionWeights
 
-    # The plain 8 px patchify, not tiny's conv stem: the open_clip CoCa reference below has that tower.
-    cfg = load_config("tiny", ["model.vision.stem=patch", "model.vision.patch_size=8"])
+    cfg = load_config("tiny", tower)
     model = create_model(cfg.model, **overrides).train()
     fusion = FusionWeights() if model.fusion is not None else None
     audio = 1.0 if model.audio is not None else None
@@ -141,20 +145,24 @@ def main() -> None:
     batch = {"image": torch.randn(b, 3, 64, 64), "text": create_tokenizer(32)(captions)}
     audio_batch = {**batch, "audio": torch.randn(b, 64, 101), "has_audio": torch.ones(b, dtype=torch.bool)}
     autocast = ComputeContext(torch.device("cpu"), "bf16")
+    fusion = {"fusion": {"enabled": True}}
     runs = {
-        "tiny": _ours({}, batch, autocast),
-        "tiny+fusion": _ours({"fusion": {"enabled": True}}, batch, autocast),
+        "tiny": _ours([], {}, batch, autocast),
+        "tiny+fusion": _ours([], fusion, batch, autocast),
+        "patch8": _ours(PATCH8, {}, batch, autocast),
+        "patch8+fusion": _ours(PATCH8, fusion, batch, autocast),
         "open_clip CoCa": _open_clip_coca(batch, autocast),
-        "tiny+audio": _ours({"audio": {"enabled": True}}, audio_batch, autocast),
+        "patch8+audio": _ours(PATCH8, {"audio": {"enabled": True}}, audio_batch, autocast),
     }
     result = {}
     for name, step in runs.items():
         seconds = _time_steps(step, warmup=2, steps=args.steps)
         result[name] = round(b / seconds, 1)
         print(f"{name:16s} {b / seconds:7.1f} samples/s  ({seconds:.2f} s/step)", flush=True)
-    print(f"fusion head: {result['tiny+fusion'] / result['tiny']:.2f}x the contrastive step's throughput; "
-          f"ours vs open_clip CoCa: {result['tiny+fusion'] / result['open_clip CoCa']:.2f}x")  # fmt: skip
-    print(f"audio tower: {result['tiny+audio'] / result['tiny']:.2f}x the contrastive step's throughput")
+    print(f"fusion head: {result['tiny+fusion'] / result['tiny']:.2f}x the contrastive step's throughput "
+          f"({result['patch8+fusion'] / result['patch8']:.2f}x with patch8); "
+          f"ours vs open_clip CoCa: {result['patch8+fusion'] / result['open_clip CoCa']:.2f}x")  # fmt: skip
+    print(f"audio tower: {result['patch8+audio'] / result['patch8']:.2f}x the contrastive step's throughput")
     result.update({k: round(v, 2) for k, v in _front_end_ms(32).items()})
     print(f"per sample in a loader worker: audio front end {result['audio_front_end_ms']:.2f} ms, "
           f"image decode + transform {result['image_decode_transform_ms']:.2f} ms")  # fmt: skip

@@ -34,9 +34,9 @@ class CLIPModel(nn.Module):
         # Created only for the sigmoid loss: an unused parameter would break DDP's gradient sync.
         self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.logit_bias else None
         audio_width = cfg.audio.width if cfg.audio.enabled else None
-        image_tokens = 1 + (cfg.vision.image_size // cfg.vision.patch_size) ** 2  # CLS + the patch grid
         self.fusion = None
         if cfg.fusion.enabled:
+            image_tokens = 1 + (cfg.vision.image_size // cfg.vision.patch_size) ** 2  # CLS + the patch grid
             self.fusion = FusionHead(cfg.fusion, cfg.text, cfg.vision.width, image_tokens, audio_width)
         self.audio = AudioTower(cfg.audio, cfg.embed_dim) if cfg.audio.enabled else None
 
