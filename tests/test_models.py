@@ -81,7 +81,7 @@ def test_conv_stem_tokens_checkpoint_and_batch_independence(tmp_path):
     stem = model.visual.trunk.patch_embed.backbone
     assert sum(isinstance(m, torch.nn.Conv2d) for m in stem) == 4  # 64 -> 4x4 tokens in four stride-2 steps
     images = torch.rand(4, 3, 64, 64)
-    features, tokens = model.visual(images)  # train mode: updates the running statistics
+    features, tokens = model.visual(images)  # train mode
     assert tokens.shape == (4, 1 + 16, model.cfg.vision.width)
     features.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stem.parameters())
