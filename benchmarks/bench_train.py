@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--precision", default="bf16", help="ours: bf16 or fp32")
+    parser.add_argument("--precision", default="auto", help="ours: auto, bf16 or fp32")
     parser.add_argument("--open-clip-precision", default="amp_bf16", help="theirs: amp_bf16, amp or fp32")
     parser.add_argument("--compile", action="store_true", help="ours with torch.compile")
     parser.add_argument("--only", choices=["mmfusion", "open_clip"], help="run one trainer only")

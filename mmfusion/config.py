@@ -255,7 +255,7 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
-    precision: str = "bf16"  # "bf16" autocast or "fp32"
+    precision: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 where the device computes it natively
     device: str = "auto"  # "auto", "cpu", "cuda"
     compile: bool = False
     grad_checkpointing: bool = False
@@ -279,7 +279,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_choice(self.loss, ("clip", "siglip"), "train.loss")
-        _check_choice(self.precision, ("bf16", "fp32"), "train.precision")
+        _check_choice(self.precision, ("auto", "bf16", "fp32"), "train.precision")
         _check_choice(self.device.split(":")[0], ("auto", "cpu", "cuda"), "train.device")
         _check_positive(self, "batch_size", "accum_steps", "log_every", "checkpoint_every", "keep_last")
         _check(self.epochs > 0 or self.steps > 0, "set train.epochs or train.steps to a positive number")

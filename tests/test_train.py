@@ -135,3 +135,21 @@ def test_short_training_learns_well_above_chance(tmp_path, synthetic):
     chance = untrained["metrics"]["text_to_image_R@1"]
     assert chance < 3  # ~1/200 images, a few more through repeated captions
     assert r1 > 4 and r1 > 4 * chance, result["metrics"]
+
+
+def test_auto_precision_is_bf16_only_where_the_device_computes_it(monkeypatch):
+    """CPUs without bf16 instructions emulate it many times slower than fp32: ``auto`` must not pick it there."""
+    from mmfusion.train import precision
+
+    cpu = torch.device("cpu")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert precision.resolve_precision(cpu, "auto") == expected
+        assert precision.ComputeContext(cpu, "auto").precision == expected
+        assert precision.resolve_precision(cpu, "fp32") == "fp32"  # an explicit choice is kept
+        assert precision.resolve_precision(cpu, "bf16") == "bf16"
+    with precision.ComputeContext(cpu, "fp32"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with precision.ComputeContext(cpu, "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert load_config("tiny").train.precision == "auto"

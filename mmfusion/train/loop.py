@@ -38,7 +38,7 @@ from mmfusion.train.dist import (
 )
 from mmfusion.train.losses import create_contrastive_loss
 from mmfusion.train.optim import create_optimizer, lr_at
-from mmfusion.train.precision import ComputeContext
+from mmfusion.train.precision import ComputeContext, bf16_is_native
 from mmfusion.train.pretokenize import pretokenize_shards
 from mmfusion.train.tasks import ContrastiveTask, FusionWeights, LossTask
 
@@ -97,6 +97,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
         ckpt_io.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     autocast = ComputeContext(dist.device, tc.precision)
+    if tc.precision == "bf16" and not bf16_is_native(dist.device):
+        log.warning("train.precision=bf16: %s emulates bf16, which is many times slower than fp32 here", dist.device)
 
     # ---- data --------------------------------------------------------------------------------
     image_size = cfg.model.vision.image_size
@@ -188,7 +190,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
     if dist.is_main:
         bar.write(
             f"training {cfg.model.name} for {total_steps} steps ({total_steps * global_batch} samples, "
-            f"{train_samples} per epoch, global batch {global_batch}) on {dist.device} x{dist.world_size} -> {run_dir}"
+            f"{train_samples} per epoch, global batch {global_batch}) on {dist.device} x{dist.world_size}, "
+            f"{autocast.precision} -> {run_dir}"
         )
 
     def save(step: int) -> Path | None:
