@@ -63,7 +63,7 @@ def test_round_trip_through_dict():
     "override, message",
     [
         ("train.loss=foo", "train.loss' must be one of clip, siglip"),
-        ("train.precision=fp16", "train.precision' must be one of bf16, fp32"),
+        ("train.precision=fp16", "train.precision' must be one of auto, bf16, fp32"),
         ("train.batch_size=0", "batch_size' must be > 0"),
         ("train.log_every=0", "log_every' must be > 0"),
         ("model.vision.patch_size=7", "power of two with vision.stem=conv"),
