@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The generator stage's training step on pre-tokenized images vs on images encoded every step.
 
-The tiny-gen model (random weights: speed does not depend on them), bf16 autocast and the math attention kernel as
+The tiny-gen model (random weights: speed does not depend on them), precision ``auto`` and the math attention kernel as
 the training loop uses them, the optimizer step included, batch 64. Both variants read their batch from a real
 DataLoader worker over the same synthetic shards, as ``tools/train.py`` does, because PNG decoding shares the
 2 cores with the step: "images" decodes PNGs and encodes them with the frozen tokenizer inside the step (the
@@ -37,7 +37,7 @@ def _samples_per_s(cfg, model, urls: list[str], image_tokens: bool, steps: int, 
     tokenizer = create_tokenizer(32)
     stream = ShardStream(urls, cfg.train.batch_size, transform, tokenizer, train=True, image_tokens=image_tokens)
     batches = iter(make_loader(stream, 1))
-    task = LossTask(torch.device("cpu"), ComputeContext(torch.device("cpu"), "bf16"))
+    task = LossTask(torch.device("cpu"), ComputeContext(torch.device("cpu"), "auto"))
     optimizer = create_optimizer(model, cfg.train)
     for i in range(warmup + steps):
         if i == warmup:

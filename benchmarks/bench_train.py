@@ -3,7 +3,8 @@
 
 Both train the same shape (embed 256; ViT 64 px, patch 8, width 256, 6 layers, 4 heads; text context
 32, width 256, 4 layers, 4 heads) on the same synthetic shards, with the same batch size, one loader
-worker each, each at its best CPU precision (bf16 autocast). Each runs in its own subprocess so the
+worker each, each at its best CPU precision (bf16 autocast where the CPU computes bf16 natively, else fp32:
+see ``mmfusion.train.precision``). Each runs in its own subprocess so the
 peak RSS (``wait4``) is that trainer's alone.
 
 Throughput is measured the same way for both: samples between the second and the last progress log
@@ -170,11 +171,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--precision", default="auto", help="ours: auto, bf16 or fp32")
-    parser.add_argument("--open-clip-precision", default="amp_bf16", help="theirs: amp_bf16, amp or fp32")
+    parser.add_argument(
+        "--open-clip-precision", default="auto", help="theirs: amp_bf16, amp, fp32, or auto (as ours would choose)"
+    )
     parser.add_argument("--compile", action="store_true", help="ours with torch.compile")
     parser.add_argument("--only", choices=["mmfusion", "open_clip"], help="run one trainer only")
     parser.add_argument("--profile", action="store_true", help="print where our step time goes")
     args = parser.parse_args(argv)
+    import torch
+
+    from mmfusion.train.precision import resolve_precision
+
+    if args.open_clip_precision == "auto":  # the same arithmetic for both trainers
+        ours = resolve_precision(torch.device("cpu"), args.precision)
+        args.open_clip_precision = "amp_bf16" if ours == "bf16" else "fp32"
 
     from mmfusion.data.synthetic import write_synthetic_shards
 
