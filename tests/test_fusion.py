@@ -32,7 +32,7 @@ def test_caption_loss_is_the_mean_over_real_tokens_only():
     model = _tiny_fusion_model()
     tokens = create_tokenizer(32)(["a red circle", "there is a small blue star at the top left"])  # (2, 32)
     _, image_tokens = model.visual(torch.randn(2, 3, 64, 64))
-    _, states = model.text(tokens)
+    _, states = model.text.transformer(tokens)  # open_clip's full-context pass: (2, 32, W)
     head = model.fusion
     hidden = head.fuse(head.memory(image_tokens)[0], states)  # (2, 32, W): padding positions included
     loss = head.caption_loss(hidden, tokens)

@@ -381,7 +381,7 @@ def test_cutting_the_memory_at_the_longest_prompt_changes_no_logit():
     prompts = torch.tensor([[49406, 736, 2445, 49407, 0, 0, 0, 0], [49406, 1746, 49407, 0, 0, 0, 0, 0]])
     memory, mask = model._text(prompts)
     assert memory.shape[1] == 8 and mask.sum(1).tolist() == [8, 6]
-    _, states = model.text(prompts)  # the whole context, padding included
+    _, states = model.text.transformer(prompts)  # open_clip's pass over the whole context, padding included
     words = torch.nn.functional.layer_norm(model.text.transformer.token_embedding(prompts), (16,))
     full, full_mask = torch.cat([states, words], 1), (prompts != 0).repeat(1, 2)
     tokens = torch.randint(0, model.generator.mask_id + 1, (2, model.generator.num_tokens))

@@ -49,7 +49,7 @@ def test_forward_backward_shapes(name):
     assert out["image_features"].shape == (2, cfg.embed_dim)
     assert out["text_features"].shape == (2, cfg.embed_dim)
     assert out["image_tokens"].shape == (2, 1 + n_patches, cfg.vision.width)
-    assert out["text_tokens"].shape == (2, ctx, cfg.text.width)
+    assert out["text_tokens"].shape == (2, int((tokens != 0).sum(1).max()), cfg.text.width)  # up to the last token
     for key in ("image_features", "text_features"):
         assert torch.isfinite(out[key]).all()
         torch.testing.assert_close(out[key].norm(dim=-1), torch.ones(2))
@@ -106,6 +106,22 @@ def test_text_pooling_is_at_eot():
     altered[0, eot + 1 :] = 123  # garbage after EOT
     with torch.no_grad():
         torch.testing.assert_close(model.encode_text(tokens), model.encode_text(altered))
+
+
+def test_text_tower_stops_at_the_longest_caption_with_open_clips_result():
+    """The tower runs only up to the batch's last token; embeddings and states match open_clip's full-context pass."""
+    torch.manual_seed(0)
+    model = create_model("tiny", **SHALLOW).eval()
+    tokens = create_tokenizer(32)(["a red circle", "there is a small blue star at the top left of a big heart"])
+    longest = int((tokens != 0).sum(dim=1).max())
+    with torch.no_grad():
+        pooled, states = model.text(tokens)
+        full_pooled, full_states = model.text.transformer(tokens)  # open_clip's forward over all 32 positions
+    assert states.shape[1] == longest < 32
+    torch.testing.assert_close(pooled, full_pooled, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(states, full_states[:, :longest], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # a prefix without padding (what caption decoding feeds) keeps every position
+        assert model.text(tokens[:1, :2])[1].shape[1] == 2
 
 
 def test_logit_bias_only_when_configured():

@@ -19,10 +19,10 @@ class CLIPModel(nn.Module):
     """Image and text towers projected into one L2-normalised embedding space.
 
     ``model(batch)`` always returns a dict: normalised ``image_features``/``text_features`` (B, E),
-    ``image_tokens`` (B, 1 + N, W), ``text_tokens`` (B, L, W), ``logit_scale`` (exp'd temperature)
-    and, when the config has one, ``logit_bias``. ``model(batch, fusion=True)`` adds the fusion head's
-    ``caption_loss``, ``match_loss`` and ``match_acc``; they are computed inside ``forward`` so that
-    DistributedDataParallel sees every parameter used in its forward pass.
+    ``image_tokens`` (B, 1 + N, W), ``text_tokens`` (B, L, W) up to the batch's longest caption, ``logit_scale``
+    (exp'd temperature) and, when the config has one, ``logit_bias``. ``model(batch, fusion=True)`` adds the
+    fusion head's ``caption_loss``, ``match_loss`` and ``match_acc``; they are computed inside ``forward`` so
+    that DistributedDataParallel sees every parameter used in its forward pass.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -134,12 +134,9 @@ class CLIPModel(nn.Module):
         context = self.cfg.text.context_length
 
         def step(prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            # The text tower's causal mask spans the full context: pad the prefix, read the states before the pad.
-            length = prefix.shape[1]
-            prefix, rows = prefix.to(memory.device), rows.to(memory.device)
-            padded = F.pad(prefix, (0, context - length), value=PAD)  # (N, context)
-            _, states = self.text(padded)
-            hidden = head.fuse(memory[rows], states[:, :length])  # (N, length, W)
+            prefix, rows = prefix.to(memory.device), rows.to(memory.device)  # prefixes hold no padding
+            _, states = self.text(prefix)  # (N, length, W)
+            hidden = head.fuse(memory[rows], states)  # (N, length, W)
             return head.next_token_log_probs(hidden[:, -1])  # (N, V)
 
         options.setdefault("max_new_tokens", context - 1)

@@ -19,8 +19,7 @@ from open_clip.transformer import MultimodalTransformer
 from torch import nn
 
 from mmfusion.config import FusionConfig, TextConfig
-
-PAD = 0  # open_clip's tokenizer pads with id 0
+from mmfusion.models.text import PAD
 
 
 def _vocab_to_class(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -14,6 +14,8 @@ from torch import nn
 
 from mmfusion.config import TextConfig
 
+PAD = 0  # open_clip's tokenizer pads with id 0
+
 
 class TextTower(nn.Module):
     def __init__(self, cfg: TextConfig, embed_dim: int):
@@ -35,9 +37,24 @@ class TextTower(nn.Module):
         self.transformer.set_grad_checkpointing(enable)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L) ids -> projected EOT embedding (B, E), unnormalised, and the token states (B, L, W)."""
-        pooled, states = self.transformer(tokens)  # (B, E), (B, L, W)
-        return pooled, states
+        """(B, L) ids -> projected EOT embedding (B, E), unnormalised, and the token states (B, L', W).
+
+        The states stop at the batch's longest caption (L' <= L): under causal attention no state before it reads
+        the padding after it, so this is open_clip's ``TextTransformer.forward`` (argmax pooling) over fewer
+        positions, with the same result. Why not call that: it always runs the full context. Synthetic captions
+        average 14 of 32 tokens (a batch of 128 reaches ~26), and a caption decoder's prefixes are shorter still.
+        """
+        t = self.transformer
+        filled = (tokens != PAD).any(dim=0).nonzero()  # columns where some caption still has a token
+        length = int(filled.max()) + 1 if len(filled) else 1
+        tokens = tokens[:, :length]
+        x = t.token_embedding(tokens) + t.positional_embedding[:length]
+        x = t.ln_final(t.transformer(x, attn_mask=t.attn_mask[:length, :length]))  # (B, L', W)
+        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=1)]  # EOT: the largest id
+        proj = t.text_projection  # None where a model reads only the states (the text-to-image generator)
+        if proj is not None:
+            pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+        return pooled, x
 
 
 def create_tokenizer(context_length: int) -> SimpleTokenizer:
