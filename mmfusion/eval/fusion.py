@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mmfusion.eval.caption import caption_metrics
-from mmfusion.models.fusion import PAD, rerank_score
+from mmfusion.models.fusion import rerank_score
 
 RERANK_CANDIDATES = 10
 
@@ -24,12 +24,11 @@ RERANK_CANDIDATES = 10
 def _match_candidates(model: nn.Module, memory: torch.Tensor, tokens: torch.Tensor, candidates: torch.Tensor):
     """Matching logits (Q, C) of query caption q with candidate images ``candidates[q]``."""
     head = model.fusion
-    _, states = model.text(tokens)  # (Q, L, W)
-    length = int((tokens != PAD).sum(dim=1).max())
+    _, states = model.text(tokens)  # (Q, L', W): up to the longest caption
     candidates = candidates.to(tokens.device)
     queries, n = candidates.shape
     rows = torch.arange(queries, device=tokens.device).repeat_interleave(n)  # (Q * C,)
-    hidden = head.fuse(memory[candidates.reshape(-1)], states[rows, :length])  # (Q * C, L, W)
+    hidden = head.fuse(memory[candidates.reshape(-1)], states[rows])  # (Q * C, L, W)
     return head.match_logits(hidden, tokens[rows]).view(queries, n)
 
 

@@ -107,11 +107,9 @@ class CLIPModel(nn.Module):
         """Matching logits (B,) of image i with caption i; ``sigmoid`` gives the probability that they match."""
         head = self._require_fusion()
         _, image_tokens = self.visual(images)
-        _, text_states = self.text(tokens)
-        length = int((tokens != PAD).sum(dim=1).max())
+        _, text_states = self.text(tokens)  # (B, L', W): up to the longest caption
         memory, _ = head.memory(image_tokens)
-        hidden = head.fuse(memory, text_states[:, :length])
-        return head.match_logits(hidden, tokens)
+        return head.match_logits(head.fuse(memory, text_states), tokens)
 
     def generate_captions(
         self,

@@ -180,8 +180,7 @@ class FusionHead(nn.Module):
         balanced (1 positive : 1 negative) at one extra decoder pass.
         """
         batch = tokens.shape[0]
-        length = int((tokens != PAD).sum(dim=1).max())  # decoder positions past the longest caption are padding
-        tokens, text_states = tokens[:, :length], text_states[:, :length]
+        tokens = tokens[:, : text_states.shape[1]]  # the text tower stops at the longest caption (TextTower)
         memory, key_mask = self.memory(image_tokens, audio_tokens, has_audio)  # (B, M, W), (B, M) | None
         hidden = self.fuse(memory, text_states, key_mask)  # (B, L, W)
         out = {"caption_loss": self.caption_loss(hidden, tokens)}

@@ -28,9 +28,7 @@ from torch.nn import functional as F
 from mmfusion.config import ModelConfig
 from mmfusion.models.generator import create_generator
 from mmfusion.models.image_tokenizer import ImageTokenizer
-from mmfusion.models.text import TextTower
-
-PAD = 0
+from mmfusion.models.text import PAD, TextTower
 
 
 class ImageTokenizerModel(nn.Module):
@@ -68,10 +66,8 @@ class TextToImageModel(nn.Module):
     def _text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention memory (B, M, W) for prompt ids (B, L) and its key mask (True = real token): the states up to
         the longest prompt, then as many word embeddings with ``word_memory``."""
-        _, states = self.text(tokens)  # (B, L, W)
-        # Padding is never a key: cut the memory at the longest prompt (states before it do not see the pads).
-        length = max(1, int((tokens != PAD).sum(dim=1).max()))
-        tokens, states = tokens[:, :length], states[:, :length]
+        _, states = self.text(tokens)  # (B, L', W): the text tower stops at the longest prompt, so padding
+        tokens = tokens[:, : states.shape[1]]  # past it is never a key
         mask = tokens != PAD
         if not self.cfg.generator.word_memory:
             return states, mask
