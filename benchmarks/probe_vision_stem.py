@@ -5,10 +5,11 @@ Not a speed benchmark: a learning probe behind ``model.vision.stem``. A tiny ViT
 a linear head on its CLS token is trained from scratch to classify the position (9 cells) and shape (8 classes) of
 single-object synthetic scenes, the attributes the fusion head's captions keep missing. If the tower cannot learn
 them even with a label per image, no caption decoder on top of it can. Batch 64, AdamW, warmup then cosine, bf16
-autocast; accuracy on 500 held-out val renders.
+autocast where the CPU computes it natively (else fp32, as ``train.precision=auto``); accuracy on 500 held-out val
+renders. The printed seconds let tower widths be compared at equal time as well as at equal steps.
 
     python benchmarks/probe_vision_stem.py                       # patch and conv stems, 300 steps, ~6 min on 2 cores
-    python benchmarks/probe_vision_stem.py --stems conv --patch 16
+    python benchmarks/probe_vision_stem.py --stems conv --patch 16 --widths 256 128
 The last line printed is one JSON object with the figures.
 """
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from mmfusion.config import VisionConfig
 from mmfusion.data.synthetic import POSITIONS, SHAPES, render_scene, sample_scene
 from mmfusion.models.vision import VisionTower
+from mmfusion.train.precision import resolve_precision
 
 CELLS = [cell for row in POSITIONS for cell in row]
 
@@ -46,16 +48,17 @@ def single_object_scenes(n: int, split: str, seed: int) -> tuple[torch.Tensor, t
     return (pixels - 0.45) / 0.27, torch.tensor(cells), torch.tensor(shapes)
 
 
-def probe(stem: str, patch: int, steps: int, train, val, lr: float, seed: int) -> dict[str, float]:
+def probe(stem: str, patch: int, width: int, steps: int, train, val, lr: float, seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
-    tower = VisionTower(VisionConfig(stem=stem, patch_size=patch), embed_dim=256)
+    tower = VisionTower(VisionConfig(stem=stem, patch_size=patch, width=width), embed_dim=256)
+    bf16 = resolve_precision(torch.device("cpu"), "auto") == "bf16"
     head = torch.nn.Linear(tower.cfg.width, len(CELLS) + len(SHAPES))
     params = [*tower.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
     rng = np.random.default_rng(seed)
 
     def logits(images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return head(tower.forward_features(images)[:, 0]).float()  # (B, 9 + 8), from the CLS token
 
     start = time.perf_counter()
@@ -85,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stems", nargs="+", default=["patch", "conv"], choices=["patch", "conv"])
     parser.add_argument("--patch", type=int, default=8, help="patch size (token grid = 64 / patch)")
+    parser.add_argument("--widths", type=int, nargs="+", default=[256], help="tower widths (multiples of 4 heads)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--train-scenes", type=int, default=10000)
@@ -92,19 +96,21 @@ def main() -> None:
     args = parser.parse_args()
     if args.patch < 1 or 64 % args.patch or args.patch & (args.patch - 1):
         parser.error(f"--patch must be a power of two that divides 64, got {args.patch}")
+    if any(w < 4 or w % 4 for w in args.widths):
+        parser.error(f"--widths must be positive multiples of 4 (the tower's heads), got {args.widths}")
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     train = single_object_scenes(args.train_scenes, "train", args.seed)
     val = single_object_scenes(500, "val", args.seed)
     results = {}
     for stem in args.stems:
-        results[stem] = probe(stem, args.patch, args.steps, train, val, args.lr, args.seed)
-        r = results[stem]
-        print(
-            f"{stem:>5} stem, patch {args.patch}, {args.steps} steps: position {r['position_acc']:.1f}%  "
-            f"shape {r['shape_acc']:.1f}%  ({r['seconds']:.0f} s)",
-            flush=True,
-        )
+        for width in args.widths:
+            r = results[f"{stem}-{width}"] = probe(stem, args.patch, width, args.steps, train, val, args.lr, args.seed)
+            print(
+                f"{stem:>5} stem, width {width}, patch {args.patch}, {args.steps} steps: "
+                f"position {r['position_acc']:.1f}%  shape {r['shape_acc']:.1f}%  ({r['seconds']:.0f} s)",
+                flush=True,
+            )
     print(json.dumps({"patch": args.patch, "steps": args.steps, "lr": args.lr, **results}))
 
 
