@@ -6,8 +6,8 @@ autocast where the CPU computes bf16 natively, else fp32), the optimizer step in
 data loading excluded (it is measured separately for audio):
 
 - ``tiny`` contrastive (the reference for both branches) and ``tiny`` + fusion head, with the shipped conv-stem
-  image tower; the same two with the plain 8 px patchify (``patch8``), the tower open_clip's CoCa has and
-  ``tiny-audio`` keeps, and ``patch8`` + audio tower;
+  image tower; the same two with the plain 8 px patchify at width 256 (``patch8``), the towers open_clip's CoCa
+  has and ``tiny-audio`` keeps, and ``patch8`` + audio tower;
 - open_clip's CoCa with the same towers as ``patch8`` and a 2-layer multimodal decoder, trained with open_clip's
   ``CoCaLoss`` (full-vocabulary softmax), the reference for our fusion head (adaptive softmax). Its other
   defaults are kept (attentional pooler with 256 queries as decoder memory, where we use the 65 image tokens);
@@ -37,7 +37,11 @@ def _time_steps(step, warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-PATCH8 = ["model.vision.stem=patch", "model.vision.patch_size=8"]
+# The shape of the CoCa reference below and of tiny-audio: plain 8 px patchify, width 256 (tiny is width 128).
+PATCH8 = [
+    "model.vision.stem=patch", "model.vision.patch_size=8",
+    "model.vision.width=256", "model.text.width=256", "model.embed_dim=256",
+]  # fmt: skip
 
 
 def _ours(tower: list[str], overrides: dict, batch: dict, autocast):
