@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from mmfusion.config import VisionConfig
 from mmfusion.data.synthetic import POSITIONS, SHAPES, render_scene, sample_scene
 from mmfusion.models.vision import VisionTower
-from mmfusion.train.precision import resolve_precision
+from mmfusion.train.precision import ComputeContext
 
 CELLS = [cell for row in POSITIONS for cell in row]
 
@@ -51,14 +51,14 @@ def single_object_scenes(n: int, split: str, seed: int) -> tuple[torch.Tensor, t
 def probe(stem: str, patch: int, width: int, steps: int, train, val, lr: float, seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
     tower = VisionTower(VisionConfig(stem=stem, patch_size=patch, width=width), embed_dim=256)
-    bf16 = resolve_precision(torch.device("cpu"), "auto") == "bf16"
+    compute = ComputeContext(torch.device("cpu"), "auto")  # the training loop's precision and attention kernel
     head = torch.nn.Linear(tower.cfg.width, len(CELLS) + len(SHAPES))
     params = [*tower.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
     rng = np.random.default_rng(seed)
 
     def logits(images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with compute:
             return head(tower.forward_features(images)[:, 0]).float()  # (B, 9 + 8), from the CLS token
 
     start = time.perf_counter()
