@@ -255,7 +255,7 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
-    precision: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 where the device computes it natively
+    precision: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 where it is faster (AMX, GPUs)
     device: str = "auto"  # "auto", "cpu", "cuda"
     compile: bool = False
     grad_checkpointing: bool = False

@@ -137,17 +137,21 @@ def test_short_training_learns_well_above_chance(tmp_path, synthetic):
     assert r1 > 4 and r1 > 4 * chance, result["metrics"]
 
 
-def test_auto_precision_is_bf16_only_where_the_device_computes_it(monkeypatch):
-    """CPUs without bf16 instructions emulate it many times slower than fp32: ``auto`` must not pick it there."""
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_faster(monkeypatch):
+    """CPUs without bf16 instructions emulate it many times slower than fp32, and with AVX512-BF16 but no AMX the
+    casts cost more than they save (precision.py has the timings): ``auto`` picks bf16 on a CPU only with both."""
     from mmfusion.train import precision
 
     cpu = torch.device("cpu")
-    for native, expected in ((True, "bf16"), (False, "fp32")):
+    for native, amx, expected in ((True, True, "bf16"), (True, False, "fp32"), (False, True, "fp32")):
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
         assert precision.resolve_precision(cpu, "auto") == expected
         assert precision.ComputeContext(cpu, "auto").precision == expected
         assert precision.resolve_precision(cpu, "fp32") == "fp32"  # an explicit choice is kept
         assert precision.resolve_precision(cpu, "bf16") == "bf16"
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the private check: stay in fp32
+    assert precision.resolve_precision(cpu, "auto") == "fp32"
     with precision.ComputeContext(cpu, "fp32"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     with precision.ComputeContext(cpu, "bf16"):
