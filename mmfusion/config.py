@@ -57,11 +57,14 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     pool: str = "token"  # "token" (CLS) or "avg" over patch tokens
     stem: str = "patch"  # "patch": a linear map per patch (ViT); "conv": stride-2 3x3 convs down to the patch grid
+    # Channels of the conv stem's last stage; each earlier stage has half as many (at least 8). 0: width / 2.
+    stem_width: int = 0
 
     def __post_init__(self):
         _check_positive(self, "image_size", "patch_size", "width", "depth", "heads")
         _check_choice(self.pool, ("token", "avg"), "vision.pool")
         _check_choice(self.stem, ("patch", "conv"), "vision.stem")
+        _check(self.stem_width >= 0, f"vision.stem_width must be >= 0 (0: width / 2), got {self.stem_width}")
         _check(
             self.stem == "patch" or self.patch_size & (self.patch_size - 1) == 0,
             "vision.patch_size must be a power of two with vision.stem=conv",

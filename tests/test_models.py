@@ -96,6 +96,20 @@ def test_conv_stem_tokens_checkpoint_and_batch_independence(tmp_path):
         torch.testing.assert_close(other.visual(images)[0], model.visual(images)[0], rtol=0, atol=0)
 
 
+def test_conv_stem_width_sets_its_channels():
+    """vision.stem_width: the last stem stage has that many channels and each earlier one half as many; 0 keeps the
+    layout of earlier checkpoints (ending at width / 2), so they still load."""
+
+    def channels(**vision):
+        model = create_model("tiny", vision={"depth": 1, "stem": "conv", "patch_size": 16, **vision}, text={"depth": 1})
+        return [m.out_channels for m in model.visual.trunk.patch_embed.backbone if isinstance(m, torch.nn.Conv2d)]
+
+    assert channels(width=128) == [8, 16, 32, 64]
+    assert channels(width=256) == [16, 32, 64, 128]
+    assert channels(width=128, stem_width=256) == [32, 64, 128, 256]
+    assert channels(width=128, stem_width=16) == [8, 8, 8, 16]  # never thinner than 8
+
+
 def test_text_pooling_is_at_eot():
     """The text embedding must not change when padding after EOT changes (EOT pooling, causal mask)."""
     torch.manual_seed(0)

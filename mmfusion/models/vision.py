@@ -21,8 +21,9 @@ from torch import nn
 from mmfusion.config import VisionConfig
 
 
-def conv_stem(patch_size: int, width: int) -> nn.Sequential:
-    """log2(patch_size) stride-2 conv-norm-ReLU blocks, channels doubling up to width / 2 (HybridEmbed maps to width).
+def conv_stem(patch_size: int, channels: int) -> nn.Sequential:
+    """log2(patch_size) stride-2 conv-norm-ReLU blocks ending in ``channels``, each earlier one with half as many
+    (at least 8); HybridEmbed then maps them to the ViT's width.
 
     The norm is GroupNorm with one group (each image normalised over all its channels and pixels), not Xiao et al.'s
     batch norm: batch statistics would make a sample's output depend on its batch, so gradient accumulation and DDP
@@ -32,7 +33,7 @@ def conv_stem(patch_size: int, width: int) -> nn.Sequential:
     blocks, c_in = [], 3
     n = patch_size.bit_length() - 1
     for i in range(n):
-        c_out = max(width >> (n - i), 8)
+        c_out = max(channels >> (n - 1 - i), 8)
         blocks += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(1, c_out), nn.ReLU()]
         c_in = c_out
     return nn.Sequential(*blocks)
@@ -40,7 +41,7 @@ def conv_stem(patch_size: int, width: int) -> nn.Sequential:
 
 def _conv_embed(cfg: VisionConfig, img_size, in_chans, embed_dim, bias, **_) -> HybridEmbed:
     # timm hands the ViT's patch size to its embed layer; after the stem each feature pixel is one token.
-    backbone = conv_stem(cfg.patch_size, cfg.width)
+    backbone = conv_stem(cfg.patch_size, cfg.stem_width or cfg.width // 2)
     return HybridEmbed(backbone, img_size, patch_size=1, in_chans=in_chans, embed_dim=embed_dim, bias=bias)
 
 
