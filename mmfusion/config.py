@@ -108,12 +108,16 @@ class FusionConfig:
     # token would cost more than both towers on a CPU; frequent ids (BPE ids roughly follow frequency)
     # get the full width, rarer ones a narrower projection.
     vocab_cutoffs: tuple[int, ...] = (2000, 10000)
+    # Which ids get the head's classes: "bpe", the BPE ids' own order (their web-text frequency); "data", the token
+    # frequencies of the first 5,000 training captions, counted when a run starts and saved with its weights.
+    vocab_order: str = "bpe"
     # A learned position embedding on the image tokens the decoder reads, at the scale of their content (see
     # FusionHead). False keeps the layout of checkpoints saved before it existed.
     image_position_embedding: bool = False
 
     def __post_init__(self):
         _check_positive(self, "depth", "heads")
+        _check_choice(self.vocab_order, ("bpe", "data"), "fusion.vocab_order")
         cutoffs = list(self.vocab_cutoffs)
         _check(cutoffs == sorted(set(cutoffs)) and all(c > 0 for c in cutoffs), "fusion.vocab_cutoffs must increase")
 

@@ -15,6 +15,7 @@ from mmfusion.data import (
     ShardError,
     ShardStream,
     StreamPosition,
+    caption_token_counts,
     count_samples,
     expand_shards,
     load_image,
@@ -129,6 +130,24 @@ def test_truncated_shard_is_skipped_not_fatal(tmp_path):
     assert 20 <= len(seen) < 30  # the two intact shards, plus whatever came before the cut
     assert sum(b["skipped"] for b in batches) >= 1
     assert count_samples(expand_shards(pattern)) < 30
+
+
+def test_caption_token_counts_read_the_first_captions_and_skip_bad_data(tmp_path):
+    pattern, _ = _write_shards(tmp_path)  # captions "sample 0" .. "sample 29"
+    tokenizer = create_tokenizer(32)
+    urls = expand_shards(pattern)
+    counts = caption_token_counts(urls, tokenizer, 49408, max_samples=12)
+    expected = torch.zeros(49408, dtype=torch.long)
+    for ids in tokenizer([f"sample {i}" for i in range(12)]):
+        for i in ids[ids != 0].tolist():
+            expected[i] += 1
+    assert torch.equal(counts, expected)
+    assert counts[tokenizer.encoder["sample</w>"]] == 12 and counts[tokenizer.eot_token_id] == 12
+
+    shard = tmp_path / "000001.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])  # cut mid-member: counted up to the cut, the rest goes on
+    counts = caption_token_counts(urls, tokenizer, 49408)
+    assert 20 < counts[tokenizer.encoder["sample</w>"]] < 30
 
 
 @pytest.mark.parametrize("workers", [0, 2])

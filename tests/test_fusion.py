@@ -10,7 +10,7 @@ from PIL import Image
 import mmfusion
 from mmfusion import SearchIndex, create_model
 from mmfusion.api import ImageLoadError
-from mmfusion.config import FusionConfig, load_config
+from mmfusion.config import ConfigError, FusionConfig, load_config
 from mmfusion.data.synthetic import make_sample
 from mmfusion.models import create_tokenizer
 from mmfusion.models.fusion import PAD, sample_hard_negatives
@@ -28,8 +28,11 @@ def _tiny_fusion_model():
     return create_model(cfg).eval()
 
 
-def test_caption_loss_is_the_mean_over_real_tokens_only():
+@pytest.mark.parametrize("vocab_order", ["bpe", "data"])
+def test_caption_loss_is_the_mean_over_real_tokens_only(vocab_order):
     model = _tiny_fusion_model()
+    if vocab_order == "data":  # a shuffled class order: the loss and the decoder's log-probs must still agree
+        model.fusion.set_vocab_order(torch.randperm(model.fusion.vocab_size))
     tokens = create_tokenizer(32)(["a red circle", "there is a small blue star at the top left"])  # (2, 32)
     _, image_tokens = model.visual(torch.randn(2, 3, 64, 64))
     _, states = model.text.transformer(tokens)  # open_clip's full-context pass: (2, 32, W)
@@ -51,6 +54,35 @@ def test_caption_loss_is_the_mean_over_real_tokens_only():
     assert head.caption_loss(trimmed, tokens[:, :length]).item() == pytest.approx(loss.item(), rel=1e-5)
 
 
+def test_vocab_order_puts_counted_tokens_in_the_head_and_is_saved(tmp_path):
+    """fusion.vocab_order=data: the most frequent ids take the first classes (ties keep the BPE order), and the
+    order travels with the weights; with the default (bpe) it is the rotation older checkpoints were trained with."""
+    from mmfusion.train.checkpoint import load_weights, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = load_config("tiny", [*TINY, *FUSION, "model.fusion.vocab_order=data"]).model
+    model = create_model(cfg)
+    head = model.fusion
+    vocab = head.vocab_size
+    torch.testing.assert_close(head.class_of_id[:3], torch.tensor([2, 3, 4]))  # untrained: the BPE rotation
+    counts = torch.zeros(vocab, dtype=torch.long)
+    counts[[14615, 16255, 7]] = torch.tensor([5, 9, 5])  # "triangle", "hexagon" and an id the rotation puts early
+    head.set_vocab_order(counts)
+    assert head.class_of_id[16255] == 0 and head.class_of_id[7] == 1 and head.class_of_id[14615] == 2
+    assert head.class_of_id[vocab - 2] == 3  # the first uncounted id in BPE order (the start token)
+    assert sorted(head.class_of_id.tolist()) == list(range(vocab))
+    with pytest.raises(ValueError, match="shape"):
+        head.set_vocab_order(counts[:10])
+
+    path = save_checkpoint(tmp_path, 1, model, None, {"config": {}})
+    other = create_model(cfg)
+    load_weights(path, other)
+    assert torch.equal(other.fusion.class_of_id, head.class_of_id)
+    assert "fusion.class_of_id" not in _tiny_fusion_model().state_dict()  # bpe: the layout of older checkpoints
+    with pytest.raises(ConfigError, match="vocab_order"):
+        load_config("tiny", ["model.fusion.vocab_order=alphabetical"])
+
+
 def test_hard_negatives_skip_positives_and_prefer_similar_items():
     torch.manual_seed(0)
     similarity = torch.tensor([[9.0, 8.0, 0.0, -5.0], [8.0, 9.0, 7.0, 0.0], [0.0, 0.0, 9.0, 5.0], [1, 2, 3, 9.0]])
@@ -65,8 +97,6 @@ def test_hard_negatives_skip_positives_and_prefer_similar_items():
 
 
 def test_fusion_config_is_checked():
-    from mmfusion.config import ConfigError
-
     with pytest.raises(ConfigError, match="fusion.heads"):
         load_config("tiny", ["model.fusion.enabled=true", "model.fusion.heads=3"])
     with pytest.raises(ConfigError, match="vocab_cutoffs"):
@@ -120,7 +150,7 @@ def fusion_run(tmp_path_factory, synthetic):
     run = tmp_path_factory.mktemp("fusion") / "run"
     overrides = tiny_overrides(
         synthetic, *FUSION, "train.steps=40", "train.batch_size=16", "train.accum_steps=2", "train.log_every=5",
-        "train.lr=2e-3", "train.warmup_steps=5",
+        "train.lr=2e-3", "train.warmup_steps=5", "model.fusion.vocab_order=data",
     )  # fmt: skip
     train(load_config("tiny", overrides), run_dir=run, progress=False)
     return run
@@ -149,6 +179,10 @@ def test_joint_training_run_logs_each_loss_and_reports_fusion_metrics(fusion_run
 def test_caption_and_match_api(fusion_run, tmp_path):
     model = mmfusion.load(fusion_run)
     assert model.has_fusion
+    # vocab_order=data: the run counted its training captions, so every shape word is in the softmax head.
+    head = model.model.fusion
+    shape_ids = [int(create_tokenizer(32)([word])[0, 1]) for word in ("triangle", "hexagon", "circle", "cross")]
+    assert all(head.class_of_id[i] < model.config.model.fusion.vocab_cutoffs[0] for i in shape_ids), shape_ids
     images = [Image.open(__import__("io").BytesIO(make_sample(i, "val", seed=0)["png"])) for i in range(3)]
     greedy = model.caption(images)
     assert len(greedy) == 3 and all(isinstance(c, str) and c for c in greedy)

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from mmfusion.config import DataConfig
-from mmfusion.data.shards import ShardError, ShardStream, StreamPosition, count_samples, expand_shards, make_loader
+from mmfusion.data.shards import (
+    ShardError,
+    ShardStream,
+    StreamPosition,
+    caption_token_counts,
+    count_samples,
+    expand_shards,
+    make_loader,
+)
 from mmfusion.data.transforms import ImageTransform, load_image
 
 __all__ = [
@@ -11,6 +19,7 @@ __all__ = [
     "ShardError",
     "ShardStream",
     "StreamPosition",
+    "caption_token_counts",
     "count_samples",
     "expand_shards",
     "load_image",

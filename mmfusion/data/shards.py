@@ -90,6 +90,35 @@ def count_samples(urls: list[str]) -> int:
     return total
 
 
+def caption_token_counts(
+    urls: list[str],
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    vocab_size: int,
+    max_samples: int = 5000,
+    pad_id: int = 0,
+) -> torch.Tensor:
+    """How often each token id (V,) occurs in the captions (``.txt``) of the first ``max_samples`` samples of
+    ``urls``, in shard order; padding (``pad_id``, 0 for open_clip's tokenizer) is not counted. Unreadable shard
+    data (logged) and samples without a readable caption are skipped.
+
+    Reads through webdataset like the training stream (``pipe:`` and URLs too), but decodes captions only.
+    """
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    errors = _ErrorCounter()
+    captions: list[str] = []
+    for raw in wds.tariterators.tarfile_samples([{"url": u} for u in urls], handler=errors):
+        try:
+            captions.append(raw["txt"].decode("utf-8").strip())
+        except (KeyError, UnicodeDecodeError):
+            continue
+        if len(captions) >= max_samples:
+            break
+    for i in range(0, len(captions), 1000):
+        ids = tokenizer(captions[i : i + 1000])
+        counts += torch.bincount(ids[ids != pad_id], minlength=vocab_size)[:vocab_size]
+    return counts
+
+
 @dataclass
 class Sample:
     key: str

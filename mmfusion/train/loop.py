@@ -21,7 +21,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mmfusion.config import RunConfig, from_dict, to_dict
-from mmfusion.data import ImageTransform, ShardStream, StreamPosition, count_samples, make_loader, resolve_shards
+from mmfusion.data import (
+    ImageTransform,
+    ShardStream,
+    StreamPosition,
+    caption_token_counts,
+    count_samples,
+    make_loader,
+    resolve_shards,
+)
 from mmfusion.data.audio import audio_transform_for
 from mmfusion.eval import EVALUATORS
 from mmfusion.models import create_model, create_tokenizer
@@ -123,6 +131,11 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
     model = create_model(cfg.model)
     if cfg.model.kind == "text_to_image" and not resume:
         ckpt_io.load_submodule(cfg.model.tokenizer_checkpoint, model, "tokenizer")  # stage 1's weights, frozen
+    if cfg.model.kind == "clip" and cfg.model.fusion.enabled and cfg.model.fusion.vocab_order == "data" and not resume:
+        # The caption decoder's frequent words go to its softmax head (FusionHead.set_vocab_order); a resumed run
+        # reads the order back with its weights.
+        counts = caption_token_counts(train_urls, tokenizer, cfg.model.text.vocab_size) if dist.is_main else None
+        model.fusion.set_vocab_order(broadcast_object(dist, counts))
     model = model.to(dist.device)
     if tc.grad_checkpointing:
         if hasattr(model, "set_grad_checkpointing"):
