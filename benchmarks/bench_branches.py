@@ -37,10 +37,11 @@ def _time_steps(step, warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-# The shape of the CoCa reference below and of tiny-audio: plain 8 px patchify, width 256 (tiny is width 128).
+# The shape of the CoCa reference below and of tiny-audio: plain 8 px patchify, width 256, depth 6/4 (tiny: 128, 3/3).
 PATCH8 = [
     "model.vision.stem=patch", "model.vision.patch_size=8",
     "model.vision.width=256", "model.text.width=256", "model.embed_dim=256",
+    "model.vision.depth=6", "model.text.depth=4",
 ]  # fmt: skip
 
 

@@ -38,11 +38,12 @@ OPEN_CLIP_CONFIG = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 4},
 }
 
-# tiny's image tower is a conv-stem ViT at 16 px tokens and width 128; open_clip has no such tower, so ours runs
-# the plain 8 px patchify at OPEN_CLIP_CONFIG's widths here and both train the same shape.
+# tiny's image tower is a conv-stem ViT at 16 px tokens, width 128 and depth 3; open_clip has no such tower, so ours
+# runs the plain 8 px patchify at OPEN_CLIP_CONFIG's widths and depths here and both train the same shape.
 SAME_TOWER = [
     "model.vision.stem=patch", "model.vision.patch_size=8",
     "model.vision.width=256", "model.text.width=256", "model.embed_dim=256",
+    "model.vision.depth=6", "model.text.depth=4",
 ]  # fmt: skip
 
 OPEN_CLIP_LAUNCHER = """
