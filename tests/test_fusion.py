@@ -22,15 +22,15 @@ FUSION = ["model.fusion.enabled=true", "model.fusion.depth=1", "model.fusion.hea
 caption_tool = load_tool("caption")
 
 
-def _tiny_fusion_model():
+def _tiny_fusion_model(*overrides: str):
     torch.manual_seed(0)
-    cfg = load_config("tiny", [*TINY, *FUSION]).model
+    cfg = load_config("tiny", [*TINY, *FUSION, *overrides]).model
     return create_model(cfg).eval()
 
 
 @pytest.mark.parametrize("vocab_order", ["bpe", "data"])
 def test_caption_loss_is_the_mean_over_real_tokens_only(vocab_order):
-    model = _tiny_fusion_model()
+    model = _tiny_fusion_model(f"model.fusion.vocab_order={vocab_order}")
     if vocab_order == "data":  # a shuffled class order: the loss and the decoder's log-probs must still agree
         model.fusion.set_vocab_order(torch.randperm(model.fusion.vocab_size))
     tokens = create_tokenizer(32)(["a red circle", "there is a small blue star at the top left"])  # (2, 32)
@@ -78,7 +78,9 @@ def test_vocab_order_puts_counted_tokens_in_the_head_and_is_saved(tmp_path):
     other = create_model(cfg)
     load_weights(path, other)
     assert torch.equal(other.fusion.class_of_id, head.class_of_id)
-    assert "fusion.class_of_id" not in _tiny_fusion_model().state_dict()  # bpe: the layout of older checkpoints
+    bpe = _tiny_fusion_model("model.fusion.vocab_order=bpe")
+    assert "fusion.class_of_id" not in bpe.state_dict()  # the layout of older checkpoints
+    assert FusionConfig().vocab_order == "bpe"  # older checkpoints' configs lack the key: they were bpe
     with pytest.raises(ConfigError, match="vocab_order"):
         load_config("tiny", ["model.fusion.vocab_order=alphabetical"])
 

@@ -104,8 +104,8 @@ def test_conv_stem_width_sets_its_channels():
         model = create_model("tiny", vision={"depth": 1, "stem": "conv", "patch_size": 16, **vision}, text={"depth": 1})
         return [m.out_channels for m in model.visual.trunk.patch_embed.backbone if isinstance(m, torch.nn.Conv2d)]
 
-    assert channels(width=128) == [8, 16, 32, 64]
-    assert channels(width=256) == [16, 32, 64, 128]
+    assert channels(width=128, stem_width=0) == [8, 16, 32, 64]  # tiny sets 256: pin the default
+    assert channels(width=256, stem_width=0) == [16, 32, 64, 128]
     assert channels(width=128, stem_width=256) == [32, 64, 128, 256]
     assert channels(width=128, stem_width=16) == [8, 8, 8, 16]  # never thinner than 8
 
