@@ -15,6 +15,7 @@ data loading excluded (it is measured separately for audio):
   loader worker, next to the image decode + transform it runs beside.
 
     python benchmarks/bench_branches.py            # ~3 minutes on 2 cores
+    python benchmarks/bench_branches.py --only tiny tiny+fusion --precision fp32   # then bf16: what auto weighs
 The last line printed is one JSON object with the figures.
 """
 
@@ -135,10 +136,17 @@ def _front_end_ms(repeats: int) -> dict[str, float]:
     return ms
 
 
+BRANCHES = ("tiny", "tiny+fusion", "patch8", "patch8+fusion", "open_clip CoCa", "patch8+audio")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--precision", choices=("auto", "bf16", "fp32"), default="auto", help="autocast for every model (default: auto)"
+    )
+    parser.add_argument("--only", nargs="+", choices=BRANCHES, help="time these alone (no ratios, no front end)")
     args = parser.parse_args()
 
     from mmfusion.data.synthetic import make_sample
@@ -150,21 +158,25 @@ def main() -> None:
     captions = [make_sample(i, "train", seed=0)["txt"].decode() for i in range(b)]
     batch = {"image": torch.randn(b, 3, 64, 64), "text": create_tokenizer(32)(captions)}
     audio_batch = {**batch, "audio": torch.randn(b, 64, 101), "has_audio": torch.ones(b, dtype=torch.bool)}
-    autocast = ComputeContext(torch.device("cpu"), "auto")
+    autocast = ComputeContext(torch.device("cpu"), args.precision)
+    print(f"precision: {autocast.precision}")
     fusion = {"fusion": {"enabled": True}}
-    runs = {
-        "tiny": _ours([], {}, batch, autocast),
-        "tiny+fusion": _ours([], fusion, batch, autocast),
-        "patch8": _ours(PATCH8, {}, batch, autocast),
-        "patch8+fusion": _ours(PATCH8, fusion, batch, autocast),
-        "open_clip CoCa": _open_clip_coca(batch, autocast),
-        "patch8+audio": _ours(PATCH8, {"audio": {"enabled": True}}, audio_batch, autocast),
+    runs = {  # built one at a time, when timed
+        "tiny": lambda: _ours([], {}, batch, autocast),
+        "tiny+fusion": lambda: _ours([], fusion, batch, autocast),
+        "patch8": lambda: _ours(PATCH8, {}, batch, autocast),
+        "patch8+fusion": lambda: _ours(PATCH8, fusion, batch, autocast),
+        "open_clip CoCa": lambda: _open_clip_coca(batch, autocast),
+        "patch8+audio": lambda: _ours(PATCH8, {"audio": {"enabled": True}}, audio_batch, autocast),
     }
     result = {}
-    for name, step in runs.items():
-        seconds = _time_steps(step, warmup=2, steps=args.steps)
+    for name in args.only or BRANCHES:
+        seconds = _time_steps(runs[name](), warmup=2, steps=args.steps)
         result[name] = round(b / seconds, 1)
         print(f"{name:16s} {b / seconds:7.1f} samples/s  ({seconds:.2f} s/step)", flush=True)
+    if args.only:
+        print(json.dumps({"batch_size": b, "precision": autocast.precision, "samples_per_s": result}))
+        return
     print(f"fusion head: {result['tiny+fusion'] / result['tiny']:.2f}x the contrastive step's throughput "
           f"({result['patch8+fusion'] / result['patch8']:.2f}x with patch8); "
           f"ours vs open_clip CoCa: {result['patch8+fusion'] / result['open_clip CoCa']:.2f}x")  # fmt: skip
@@ -172,7 +184,7 @@ def main() -> None:
     result.update({k: round(v, 2) for k, v in _front_end_ms(32).items()})
     print(f"per sample in a loader worker: audio front end {result['audio_front_end_ms']:.2f} ms, "
           f"image decode + transform {result['image_decode_transform_ms']:.2f} ms")  # fmt: skip
-    print(json.dumps({"batch_size": b, "samples_per_s": result}))
+    print(json.dumps({"batch_size": b, "precision": autocast.precision, "samples_per_s": result}))
 
 
 if __name__ == "__main__":
