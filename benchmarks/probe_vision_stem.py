@@ -10,6 +10,8 @@ renders. The printed seconds let tower widths be compared at equal time as well 
 
     python benchmarks/probe_vision_stem.py                       # patch and conv stems, 300 steps, ~6 min on 2 cores
     python benchmarks/probe_vision_stem.py --stems conv --patch 16 --widths 256 128
+    python benchmarks/probe_vision_stem.py --stems conv --patch 16 --widths 128 --depth 3 --stem-width 256 \
+        --full-res-widths 0 8                                    # the tiny tower with and without a stride-1 conv
 The last line printed is one JSON object with the figures.
 """
 
@@ -48,9 +50,9 @@ def single_object_scenes(n: int, split: str, seed: int) -> tuple[torch.Tensor, t
     return (pixels - 0.45) / 0.27, torch.tensor(cells), torch.tensor(shapes)
 
 
-def probe(stem: str, patch: int, width: int, steps: int, train, val, lr: float, seed: int) -> dict[str, float]:
+def probe(vision: VisionConfig, steps: int, train, val, lr: float, seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
-    tower = VisionTower(VisionConfig(stem=stem, patch_size=patch, width=width), embed_dim=256)
+    tower = VisionTower(vision, embed_dim=256)
     compute = ComputeContext(torch.device("cpu"), "auto")  # the training loop's precision and attention kernel
     head = torch.nn.Linear(tower.cfg.width, len(CELLS) + len(SHAPES))
     params = [*tower.parameters(), *head.parameters()]
@@ -89,6 +91,11 @@ def main() -> None:
     parser.add_argument("--stems", nargs="+", default=["patch", "conv"], choices=["patch", "conv"])
     parser.add_argument("--patch", type=int, default=8, help="patch size (token grid = 64 / patch)")
     parser.add_argument("--widths", type=int, nargs="+", default=[256], help="tower widths (multiples of 4 heads)")
+    parser.add_argument("--depth", type=int, default=6, help="tower depth")
+    parser.add_argument("--stem-width", type=int, default=0, help="vision.stem_width of the conv stem (0: width/2)")
+    parser.add_argument(
+        "--full-res-widths", type=int, nargs="+", default=[0], help="vision.stem_full_res_width values (0: none)"
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--train-scenes", type=int, default=10000)
@@ -98,6 +105,8 @@ def main() -> None:
         parser.error(f"--patch must be a power of two that divides 64, got {args.patch}")
     if any(w < 4 or w % 4 for w in args.widths):
         parser.error(f"--widths must be positive multiples of 4 (the tower's heads), got {args.widths}")
+    if args.depth < 1 or args.stem_width < 0 or any(w < 0 for w in args.full_res_widths):
+        parser.error("--depth must be >= 1, --stem-width and --full-res-widths >= 0")
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     train = single_object_scenes(args.train_scenes, "train", args.seed)
@@ -105,12 +114,22 @@ def main() -> None:
     results = {}
     for stem in args.stems:
         for width in args.widths:
-            r = results[f"{stem}-{width}"] = probe(stem, args.patch, width, args.steps, train, val, args.lr, args.seed)
-            print(
-                f"{stem:>5} stem, width {width}, patch {args.patch}, {args.steps} steps: "
-                f"position {r['position_acc']:.1f}%  shape {r['shape_acc']:.1f}%  ({r['seconds']:.0f} s)",
-                flush=True,
-            )
+            for full_res in args.full_res_widths if stem == "conv" else [0]:
+                vision = VisionConfig(
+                    stem=stem,
+                    patch_size=args.patch,
+                    width=width,
+                    depth=args.depth,
+                    stem_width=args.stem_width,
+                    stem_full_res_width=full_res,
+                )
+                name = f"{stem}-{width}" + (f"-fullres{full_res}" if full_res else "")
+                r = results[name] = probe(vision, args.steps, train, val, args.lr, args.seed)
+                print(
+                    f"{stem:>5} stem, width {width}, patch {args.patch}, full-res {full_res}, {args.steps} steps: "
+                    f"position {r['position_acc']:.1f}%  shape {r['shape_acc']:.1f}%  ({r['seconds']:.0f} s)",
+                    flush=True,
+                )
     print(json.dumps({"patch": args.patch, "steps": args.steps, "lr": args.lr, **results}))
 
 

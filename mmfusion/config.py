@@ -59,12 +59,19 @@ class VisionConfig:
     stem: str = "patch"  # "patch": a linear map per patch (ViT); "conv": stride-2 3x3 convs down to the patch grid
     # Channels of the conv stem's last stage; each earlier stage has half as many (at least 8). 0: width / 2.
     stem_width: int = 0
+    # Channels of a stride-1 3x3 conv at full image resolution ahead of the stride-2 stages; 0: none. The first
+    # stride-2 conv halves a 14 px shape before anything has looked at its outline (see conv_stem).
+    stem_full_res_width: int = 0
 
     def __post_init__(self):
         _check_positive(self, "image_size", "patch_size", "width", "depth", "heads")
         _check_choice(self.pool, ("token", "avg"), "vision.pool")
         _check_choice(self.stem, ("patch", "conv"), "vision.stem")
         _check(self.stem_width >= 0, f"vision.stem_width must be >= 0 (0: width / 2), got {self.stem_width}")
+        _check(
+            self.stem_full_res_width >= 0,
+            f"vision.stem_full_res_width must be >= 0 (0: none), got {self.stem_full_res_width}",
+        )
         _check(
             self.stem == "patch" or self.patch_size & (self.patch_size - 1) == 0,
             "vision.patch_size must be a power of two with vision.stem=conv",

@@ -79,7 +79,8 @@ def test_conv_stem_tokens_checkpoint_and_batch_independence(tmp_path):
     torch.manual_seed(0)
     model = create_model("tiny", vision={"depth": 1, "stem": "conv", "patch_size": 16}, text={"depth": 1})
     stem = model.visual.trunk.patch_embed.backbone
-    assert sum(isinstance(m, torch.nn.Conv2d) for m in stem) == 4  # 64 -> 4x4 tokens in four stride-2 steps
+    strides = [m.stride for m in stem if isinstance(m, torch.nn.Conv2d)]
+    assert strides.count((2, 2)) == 4  # 64 -> 4x4 tokens in four stride-2 steps (plus tiny's full-resolution conv)
     images = torch.rand(4, 3, 64, 64)
     features, tokens = model.visual(images)  # train mode
     assert tokens.shape == (4, 1 + 16, model.cfg.vision.width)
@@ -101,13 +102,28 @@ def test_conv_stem_width_sets_its_channels():
     layout of earlier checkpoints (ending at width / 2), so they still load."""
 
     def channels(**vision):
-        model = create_model("tiny", vision={"depth": 1, "stem": "conv", "patch_size": 16, **vision}, text={"depth": 1})
+        vision = {"depth": 1, "stem": "conv", "patch_size": 16, "stem_full_res_width": 0, **vision}
+        model = create_model("tiny", vision=vision, text={"depth": 1})
         return [m.out_channels for m in model.visual.trunk.patch_embed.backbone if isinstance(m, torch.nn.Conv2d)]
 
     assert channels(width=128, stem_width=0) == [8, 16, 32, 64]  # tiny sets 256: pin the default
     assert channels(width=256, stem_width=0) == [16, 32, 64, 128]
     assert channels(width=128, stem_width=256) == [32, 64, 128, 256]
     assert channels(width=128, stem_width=16) == [8, 8, 8, 16]  # never thinner than 8
+
+
+def test_conv_stem_full_res_block_keeps_the_resolution_and_the_token_grid():
+    """vision.stem_full_res_width adds one stride-1 block ahead of the stride-2 stages; 0 adds none (older layout)."""
+    vision = {"depth": 1, "stem": "conv", "patch_size": 16, "width": 128, "stem_width": 256}
+    stem = create_model("tiny", vision={**vision, "stem_full_res_width": 8}, text={"depth": 1}).visual.trunk
+    convs = [m for m in stem.patch_embed.backbone if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.stride) for c in convs] == [(8, (1, 1)), (32, (2, 2)), (64, (2, 2)), (128, (2, 2))] + [
+        (256, (2, 2))
+    ]
+    assert stem.patch_embed.backbone[:3](torch.zeros(1, 3, 64, 64)).shape == (1, 8, 64, 64)
+    assert stem(torch.zeros(2, 3, 64, 64)).shape == (2, 128)  # still a 4x4 grid behind the CLS token
+    plain = create_model("tiny", vision={**vision, "stem_full_res_width": 0}, text={"depth": 1}).visual.trunk
+    assert [m.stride for m in plain.patch_embed.backbone if isinstance(m, torch.nn.Conv2d)] == [(2, 2)] * 4
 
 
 def test_text_pooling_is_at_eot():
