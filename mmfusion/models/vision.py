@@ -37,15 +37,14 @@ def conv_stem(patch_size: int, channels: int, full_res_channels: int = 0) -> nn.
     ranks would no longer add up to the full batch, and eval would differ from training. One group, not one per
     channel, keeps an image's overall colour, which captions name.
     """
-    blocks, c_in = [], 3
-    if full_res_channels:
-        blocks += [nn.Conv2d(3, full_res_channels, 3, padding=1, bias=False), nn.GroupNorm(1, full_res_channels)]
-        blocks += [nn.ReLU()]
-        c_in = full_res_channels
     n = patch_size.bit_length() - 1
-    for i in range(n):
-        c_out = max(channels >> (n - 1 - i), 8)
-        blocks += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(1, c_out), nn.ReLU()]
+    widths = [max(channels >> (n - 1 - i), 8) for i in range(n)]
+    strides = [2] * n
+    if full_res_channels:
+        widths, strides = [full_res_channels, *widths], [1, *strides]
+    blocks, c_in = [], 3
+    for c_out, stride in zip(widths, strides, strict=True):
+        blocks += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.GroupNorm(1, c_out), nn.ReLU()]
         c_in = c_out
     return nn.Sequential(*blocks)
 
