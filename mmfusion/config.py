@@ -121,9 +121,19 @@ class FusionConfig:
     # A learned position embedding on the image tokens the decoder reads, at the scale of their content (see
     # FusionHead). False keeps the layout of checkpoints saved before it existed.
     image_position_embedding: bool = False
+    # Image-text matching: the share of the batch's pairs that also get a hard negative (half of them a negative
+    # caption, half a negative image) in the second decoder pass; positives come free from the captioning pass and
+    # are down-weighted to balance. 1.0 is BLIP-like 1:1 at a full extra pass, 0.5 halves that pass.
+    match_negatives: float = 1.0
+    # Captioning loss as a focal-weighted mean over tokens (Lin et al., 2017): token t weighs (1 - p_t)^gamma,
+    # normalised by the total weight, so once the function words are easy the loss is carried by the words that
+    # name what is in the image. 0 is the plain mean (CoCa).
+    caption_focal_gamma: float = 0.0
 
     def __post_init__(self):
         _check_positive(self, "depth", "heads")
+        _check(0.0 < self.match_negatives <= 1.0, "fusion.match_negatives must be in (0, 1]")
+        _check(self.caption_focal_gamma >= 0.0, "fusion.caption_focal_gamma must be >= 0")
         _check_choice(self.vocab_order, ("bpe", "data"), "fusion.vocab_order")
         cutoffs = list(self.vocab_cutoffs)
         _check(cutoffs == sorted(set(cutoffs)) and all(c > 0 for c in cutoffs), "fusion.vocab_cutoffs must increase")

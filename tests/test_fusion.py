@@ -54,6 +54,27 @@ def test_caption_loss_is_the_mean_over_real_tokens_only(vocab_order):
     assert head.caption_loss(trimmed, tokens[:, :length]).item() == pytest.approx(loss.item(), rel=1e-5)
 
 
+def test_focal_caption_loss_is_the_weighted_mean_that_favours_hard_tokens():
+    model = _tiny_fusion_model("model.fusion.caption_focal_gamma=2")
+    tokens = create_tokenizer(32)(["a red circle", "there is a small blue star at the top left"])[:, :12]
+    _, image_tokens = model.visual(torch.randn(2, 3, 64, 64))
+    _, states = model.text(tokens)
+    head = model.fusion
+    hidden = head.fuse(head.memory(image_tokens)[0], states)
+    loss = head.caption_loss(hidden, tokens)
+
+    head.focal_gamma = 0.0
+    plain = head.caption_loss(hidden, tokens)
+    keep = tokens[:, 1:] != PAD
+    log_probs = head.next_token_log_probs(hidden[:, :-1][keep])  # (T, V)
+    nll = -log_probs.gather(1, tokens[:, 1:][keep][:, None]).squeeze(1)  # (T,)
+    weight = (1 - (-nll).exp()) ** 2
+    assert loss.item() == pytest.approx((weight * nll).sum().item() / weight.sum().item(), rel=1e-4)
+    assert plain.item() == pytest.approx(nll.mean().item(), rel=1e-5)
+    # Harder tokens weigh more, so the focal mean lies above the plain one whenever the tokens differ.
+    assert nll.std() > 0 and loss.item() > plain.item()
+
+
 def test_vocab_order_puts_counted_tokens_in_the_head_and_is_saved(tmp_path):
     """fusion.vocab_order=data: the most frequent ids take the first classes (ties keep the BPE order), and the
     order travels with the weights; with the default (bpe) it is the rotation older checkpoints were trained with."""
@@ -98,11 +119,41 @@ def test_hard_negatives_skip_positives_and_prefer_similar_items():
     assert (draws != torch.arange(4)).all()
 
 
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_matching_negatives_take_their_share_of_the_batch_and_stay_balanced(share, monkeypatch):
+    model = _tiny_fusion_model(f"model.fusion.match_negatives={share}")
+    head, batch = model.fusion, 8
+    captions = [f"a {c} circle" for c in ("red", "blue", "green", "pink", "white", "black", "brown", "grey")]
+    tokens = create_tokenizer(32)(captions)
+    _, image_tokens = model.visual(torch.randn(batch, 3, 64, 64))
+    _, states = model.text(tokens)
+    fused_rows, logits = [], []
+    fuse, match_logits = head.fuse, head.match_logits
+    monkeypatch.setattr(head, "fuse", lambda memory, *a: fused_rows.append(memory.shape[0]) or fuse(memory, *a))
+    monkeypatch.setattr(head, "match_logits", lambda *a: logits.append(match_logits(*a)) or logits[-1])
+    out = head.losses(image_tokens, states, tokens, torch.randn(batch, batch))
+
+    negatives = int(share * batch)
+    assert fused_rows == [batch, negatives]  # the captioning pass, then only the negatives' pass
+    positive, negative = logits
+    # Every caption differs, so each mined pair is a negative; positives weigh `share` each: 1 : 1 overall.
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected = (
+        share * bce(positive, torch.ones(batch), reduction="sum")
+        + bce(negative, torch.zeros(negatives), reduction="sum")
+    ) / (2 * negatives)
+    assert out["match_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_fusion_config_is_checked():
     with pytest.raises(ConfigError, match="fusion.heads"):
         load_config("tiny", ["model.fusion.enabled=true", "model.fusion.heads=3"])
     with pytest.raises(ConfigError, match="vocab_cutoffs"):
         load_config("tiny", ["model.fusion.vocab_cutoffs=[10000, 2000]"])
+    with pytest.raises(ConfigError, match="match_negatives"):
+        load_config("tiny", ["model.fusion.match_negatives=0"])
+    with pytest.raises(ConfigError, match="caption_focal_gamma"):
+        load_config("tiny", ["model.fusion.caption_focal_gamma=-1"])
     with pytest.raises(ConfigError, match="unknown key 'model.fusion.enable'"):
         load_config("tiny", ["model.fusion.enable=true"])
 

@@ -69,6 +69,8 @@ class FusionHead(nn.Module):
         width = text_cfg.width
         self.vocab_size = text_cfg.vocab_size
         self.heads = cfg.heads
+        self.match_negatives = cfg.match_negatives
+        self.focal_gamma = cfg.caption_focal_gamma
         self.image_proj = nn.Linear(vision_width, width)
         # Where an object is must reach the caption's position words. The ViT's own position embedding starts
         # at std 0.02 under content of std ~1 and is mixed away by its blocks; only a direct signal (a label per
@@ -167,13 +169,20 @@ class FusionHead(nn.Module):
         return self.decoder.ln_final(x)
 
     def caption_loss(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean next-token negative log-likelihood; padding targets are left out."""
+        """Next-token negative log-likelihood, a (focal-weighted) mean over tokens; padding targets are left out."""
         targets = tokens[:, 1 : hidden.shape[1] + 1]  # (B, L - 1)
         keep = targets != PAD
         states = hidden[:, : targets.shape[1]][keep]  # (T, W)
         # Outside autocast: the adaptive softmax mixes dtypes in place, and fp32 log-probs are needed anyway.
         with torch.autocast(hidden.device.type, enabled=False):
-            return self.lm_head(states.float(), self.class_of_id[targets[keep]]).loss
+            out = self.lm_head(states.float(), self.class_of_id[targets[keep]])
+        if self.focal_gamma == 0:
+            return out.loss
+        nll = -out.output  # (T,)
+        # The weights steer which tokens count, not how much the loss weighs in all: normalised by their
+        # (detached) sum, the loss stays a mean NLL and train.caption_weight keeps its meaning.
+        weight = (-nll).exp().neg().add(1.0).pow(self.focal_gamma).detach()
+        return (weight * nll).sum() / weight.sum().clamp_min(1e-6)
 
     def next_token_log_probs(self, hidden_last: torch.Tensor) -> torch.Tensor:
         """(N, W) states at the last prefix position -> (N, V) log-probabilities indexed by token id."""
@@ -198,9 +207,10 @@ class FusionHead(nn.Module):
         """Captioning and matching losses for a batch of matching (image, caption) pairs.
 
         ``similarity`` (B, B) is the detached image-text similarity of the contrastive embeddings, used
-        to mine one hard negative per pair: the first half of the batch pairs its image with a hard
-        negative caption, the second half its caption with a hard negative image. That keeps matching
-        balanced (1 positive : 1 negative) at one extra decoder pass.
+        to mine hard negatives for the first ``match_negatives`` x B pairs: the first half of those pair their
+        image with a hard negative caption, the second half their caption with a hard negative image. Every
+        pair's positive score comes from the captioning pass; positives weigh ``match_negatives`` each, so
+        matching stays balanced (1 positive : 1 negative) at a fraction of one extra decoder pass.
         """
         batch = tokens.shape[0]
         tokens = tokens[:, : text_states.shape[1]]  # the text tower stops at the longest caption (TextTower)
@@ -209,19 +219,22 @@ class FusionHead(nn.Module):
         out = {"caption_loss": self.caption_loss(hidden, tokens)}
 
         same_caption = (tokens[:, None, :] == tokens[None, :, :]).all(dim=2)  # (B, B)
-        logits, labels = [self.match_logits(hidden, tokens)], [torch.ones(batch, device=tokens.device)]
-        if batch > 1:
-            half = batch // 2
-            arange = torch.arange(batch, device=tokens.device)
+        ones = torch.ones(batch, device=tokens.device)
+        logits, labels, weights = [self.match_logits(hidden, tokens)], [ones], [ones]
+        negatives = min(batch, round(self.match_negatives * batch))
+        if batch > 1 and negatives > 0:
+            half, arange = negatives // 2, torch.arange(batch, device=tokens.device)
             negative_text = sample_hard_negatives(similarity[:half], same_caption[:half])  # (half,)
-            negative_image = sample_hard_negatives(similarity.T[half:], same_caption[half:])  # (B - half,)
-            image_rows = torch.cat([arange[:half], negative_image])
-            text_rows = torch.cat([negative_text, arange[half:]])
+            negative_image = sample_hard_negatives(similarity.T[half:negatives], same_caption[half:negatives])
+            image_rows = torch.cat([arange[:half], negative_image])  # (negatives,)
+            text_rows = torch.cat([negative_text, arange[half:negatives]])
             mask = key_mask[image_rows] if key_mask is not None else None  # a clip goes with its image
             hidden = self.fuse(memory[image_rows], text_states[text_rows], mask)
             logits.append(self.match_logits(hidden, tokens[text_rows]))
             labels.append(same_caption[image_rows, text_rows].float())
-        logits, labels = torch.cat(logits), torch.cat(labels)
-        out["match_loss"] = F.binary_cross_entropy_with_logits(logits, labels)
+            weights = [ones * (negatives / batch), torch.ones(negatives, device=tokens.device)]
+        logits, labels, weights = torch.cat(logits), torch.cat(labels), torch.cat(weights)
+        per_pair = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        out["match_loss"] = (weights * per_pair).sum() / weights.sum()
         out["match_acc"] = ((logits > 0) == labels.bool()).float().mean().detach()
         return out
