@@ -129,16 +129,11 @@ class FusionConfig:
     # normalised by the total weight, so once the function words are easy the loss is carried by the words that
     # name what is in the image. 0 is the plain mean (CoCa).
     caption_focal_gamma: float = 0.0
-    # Scales the gradient that the captioning and matching losses send into the text tower (the forward pass is
-    # unchanged). Below 1, train.caption_weight can teach the image tower and the decoder without turning the text
-    # tower, which the contrastive loss shares, into a language model first.
-    text_grad_scale: float = 1.0
 
     def __post_init__(self):
         _check_positive(self, "depth", "heads")
         _check(0.0 < self.match_negatives <= 1.0, "fusion.match_negatives must be in (0, 1]")
         _check(self.caption_focal_gamma >= 0.0, "fusion.caption_focal_gamma must be >= 0")
-        _check(self.text_grad_scale >= 0.0, "fusion.text_grad_scale must be >= 0")
         _check_choice(self.vocab_order, ("bpe", "data"), "fusion.vocab_order")
         cutoffs = list(self.vocab_cutoffs)
         _check(cutoffs == sorted(set(cutoffs)) and all(c > 0 for c in cutoffs), "fusion.vocab_cutoffs must increase")

@@ -145,31 +145,6 @@ def test_matching_negatives_take_their_share_of_the_batch_and_stay_balanced(shar
     assert out["match_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_text_grad_scale_scales_only_what_reaches_the_text_tower():
-    model = _tiny_fusion_model()
-    tokens = create_tokenizer(32)(["a red circle", "a small blue star", "a green square", "a large pink heart"])
-    images, similarity = torch.randn(4, 3, 64, 64), torch.randn(4, 4)
-    grads = {}
-    for scale in (1.0, 0.25):
-        model.zero_grad()
-        model.fusion.text_grad_scale = scale
-        _, image_tokens = model.visual(images)
-        _, states = model.text(tokens)
-        torch.manual_seed(0)  # the same hard negatives
-        out = model.fusion.losses(image_tokens, states, tokens, similarity)
-        (out["caption_loss"] + out["match_loss"]).backward()
-        grads[scale] = (
-            out["caption_loss"].item(),
-            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-        )
-    (loss, full), (loss_scaled, scaled) = grads[1.0], grads[0.25]
-    assert loss_scaled == pytest.approx(loss, rel=1e-6)  # the forward pass is unchanged
-    text = [n for n in full if n.startswith("text.")]
-    assert text and all(torch.allclose(scaled[n], 0.25 * full[n], atol=1e-7) for n in text)
-    for name in ("fusion.lm_head.head.weight", "visual.trunk.blocks.1.mlp.fc2.weight"):  # decoder and image tower
-        torch.testing.assert_close(scaled[name], full[name])
-
-
 def test_fusion_config_is_checked():
     with pytest.raises(ConfigError, match="fusion.heads"):
         load_config("tiny", ["model.fusion.enabled=true", "model.fusion.heads=3"])
@@ -179,8 +154,6 @@ def test_fusion_config_is_checked():
         load_config("tiny", ["model.fusion.match_negatives=0"])
     with pytest.raises(ConfigError, match="caption_focal_gamma"):
         load_config("tiny", ["model.fusion.caption_focal_gamma=-1"])
-    with pytest.raises(ConfigError, match="text_grad_scale"):
-        load_config("tiny", ["model.fusion.text_grad_scale=-0.5"])
     with pytest.raises(ConfigError, match="unknown key 'model.fusion.enable'"):
         load_config("tiny", ["model.fusion.enable=true"])
 

@@ -71,7 +71,6 @@ class FusionHead(nn.Module):
         self.heads = cfg.heads
         self.match_negatives = cfg.match_negatives
         self.focal_gamma = cfg.caption_focal_gamma
-        self.text_grad_scale = cfg.text_grad_scale
         self.image_proj = nn.Linear(vision_width, width)
         # Where an object is must reach the caption's position words. The ViT's own position embedding starts
         # at std 0.02 under content of std ~1 and is mixed away by its blocks; only a direct signal (a label per
@@ -215,8 +214,6 @@ class FusionHead(nn.Module):
         """
         batch = tokens.shape[0]
         tokens = tokens[:, : text_states.shape[1]]  # the text tower stops at the longest caption (TextTower)
-        if self.text_grad_scale != 1.0:  # same values, gradient scaled on its way back into the text tower
-            text_states = torch.lerp(text_states.detach(), text_states, self.text_grad_scale)
         memory, key_mask = self.memory(image_tokens, audio_tokens, has_audio)  # (B, M, W), (B, M) | None
         hidden = self.fuse(memory, text_states, key_mask)  # (B, L, W)
         out = {"caption_loss": self.caption_loss(hidden, tokens)}
