@@ -62,6 +62,8 @@ class VisionConfig:
     # Channels of a stride-1 3x3 conv at full image resolution ahead of the stride-2 stages; 0: none. The first
     # stride-2 conv halves a 14 px shape before anything has looked at its outline (see conv_stem).
     stem_full_res_width: int = 0
+    # Channels of a stride-1 3x3 conv at half resolution, right after the first stride-2 stage; 0: none.
+    stem_half_res_width: int = 0
 
     def __post_init__(self):
         _check_positive(self, "image_size", "patch_size", "width", "depth", "heads")
@@ -71,6 +73,10 @@ class VisionConfig:
         _check(
             self.stem_full_res_width >= 0,
             f"vision.stem_full_res_width must be >= 0 (0: none), got {self.stem_full_res_width}",
+        )
+        _check(
+            self.stem_half_res_width >= 0,
+            f"vision.stem_half_res_width must be >= 0 (0: none), got {self.stem_half_res_width}",
         )
         _check(
             self.stem == "patch" or self.patch_size & (self.patch_size - 1) == 0,

@@ -71,6 +71,7 @@ def test_round_trip_through_dict():
         ("model.vision.stem=resnet", "vision.stem' must be one of patch, conv"),
         ("model.vision.stem_width=-1", "vision.stem_width must be >= 0"),
         ("model.vision.stem_full_res_width=-8", "vision.stem_full_res_width must be >= 0"),
+        ("model.vision.stem_half_res_width=-8", "vision.stem_half_res_width must be >= 0"),
         ("data.crop_scale_min=0", "crop_scale_min"),
         ("model.generator.kind=diffusion", "generator.kind' must be one of masked, autoregressive"),
         ("model.generator.top_k=-1", "generator.top_k must be >= 0"),

@@ -124,6 +124,13 @@ def test_conv_stem_full_res_block_keeps_the_resolution_and_the_token_grid():
     assert stem(torch.zeros(2, 3, 64, 64)).shape == (2, 128)  # still a 4x4 grid behind the CLS token
     plain = create_model("tiny", vision={**vision, "stem_full_res_width": 0}, text={"depth": 1}).visual.trunk
     assert [m.stride for m in plain.patch_embed.backbone if isinstance(m, torch.nn.Conv2d)] == [(2, 2)] * 4
+    # vision.stem_half_res_width: one more stride-1 block after the first stride-2 one, at 32 px.
+    both = {**vision, "stem_full_res_width": 8, "stem_half_res_width": 32}
+    stem = create_model("tiny", vision=both, text={"depth": 1}).visual.trunk
+    convs = [m for m in stem.patch_embed.backbone if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.stride[0]) for c in convs] == [(8, 1), (32, 2), (32, 1), (64, 2), (128, 2), (256, 2)]
+    assert stem.patch_embed.backbone[:9](torch.zeros(1, 3, 64, 64)).shape == (1, 32, 32, 32)
+    assert stem(torch.zeros(2, 3, 64, 64)).shape == (2, 128)
 
 
 def test_text_pooling_is_at_eot():

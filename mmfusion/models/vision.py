@@ -21,10 +21,11 @@ from torch import nn
 from mmfusion.config import VisionConfig
 
 
-def conv_stem(patch_size: int, channels: int, full_res_channels: int = 0) -> nn.Sequential:
+def conv_stem(patch_size: int, channels: int, full_res_channels: int = 0, half_res_channels: int = 0) -> nn.Sequential:
     """log2(patch_size) stride-2 conv-norm-ReLU blocks ending in ``channels``, each earlier one with half as many
-    (at least 8), after one stride-1 block with ``full_res_channels`` when that is > 0; HybridEmbed then maps them to
-    the ViT's width.
+    (at least 8), after one stride-1 block with ``full_res_channels`` when that is > 0, and with one stride-1 block
+    of ``half_res_channels`` after the first stride-2 block when that is > 0; HybridEmbed then maps them to the
+    ViT's width.
 
     Why the stride-1 block: a small synthetic shape is 14-18 px wide at 64 px, and a stride-2 first layer halves it
     before any filter has seen its whole outline. Trained with a shape label per image for 300 steps, the tiny tower
@@ -40,6 +41,8 @@ def conv_stem(patch_size: int, channels: int, full_res_channels: int = 0) -> nn.
     n = patch_size.bit_length() - 1
     widths = [max(channels >> (n - 1 - i), 8) for i in range(n)]
     strides = [2] * n
+    if half_res_channels:
+        widths, strides = [widths[0], half_res_channels, *widths[1:]], [2, 1, *strides[1:]]
     if full_res_channels:
         widths, strides = [full_res_channels, *widths], [1, *strides]
     blocks, c_in = [], 3
@@ -51,7 +54,9 @@ def conv_stem(patch_size: int, channels: int, full_res_channels: int = 0) -> nn.
 
 def _conv_embed(cfg: VisionConfig, img_size, in_chans, embed_dim, bias, **_) -> HybridEmbed:
     # timm hands the ViT's patch size to its embed layer; after the stem each feature pixel is one token.
-    backbone = conv_stem(cfg.patch_size, cfg.stem_width or cfg.width // 2, cfg.stem_full_res_width)
+    backbone = conv_stem(
+        cfg.patch_size, cfg.stem_width or cfg.width // 2, cfg.stem_full_res_width, cfg.stem_half_res_width
+    )
     return HybridEmbed(backbone, img_size, patch_size=1, in_chans=in_chans, embed_dim=embed_dim, bias=bias)
 
 
