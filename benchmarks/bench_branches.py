@@ -6,8 +6,9 @@ autocast where the CPU computes bf16 natively, else fp32), the optimizer step in
 data loading excluded (it is measured separately for audio):
 
 - ``tiny`` contrastive (the reference for both branches) and ``tiny`` + fusion head, with the shipped conv-stem
-  image tower; the same two with the plain 8 px patchify at width 256 (``patch8``), the towers open_clip's CoCa
-  has and ``tiny-audio`` keeps, and ``patch8`` + audio tower;
+  image tower, also with hard matching negatives for the whole batch (``allneg``, the default before
+  ``fusion.match_negatives=0.5``); the same two with the plain 8 px patchify at width 256 (``patch8``), the towers
+  open_clip's CoCa has and ``tiny-audio`` keeps, and ``patch8`` + audio tower;
 - open_clip's CoCa with the same towers as ``patch8`` and a 2-layer multimodal decoder, trained with open_clip's
   ``CoCaLoss`` (full-vocabulary softmax), the reference for our fusion head (adaptive softmax). Its other
   defaults are kept (attentional pooler with 256 queries as decoder memory, where we use the 65 image tokens);
@@ -16,6 +17,7 @@ data loading excluded (it is measured separately for audio):
 
     python benchmarks/bench_branches.py            # ~3 minutes on 2 cores
     python benchmarks/bench_branches.py --only tiny tiny+fusion --precision fp32   # then bf16: what auto weighs
+    python benchmarks/bench_branches.py --only tiny+fusion tiny+fusion-allneg tiny+fusion tiny+fusion-allneg --steps 8
 The last line printed is one JSON object with the figures.
 """
 
@@ -136,7 +138,7 @@ def _front_end_ms(repeats: int) -> dict[str, float]:
     return ms
 
 
-BRANCHES = ("tiny", "tiny+fusion", "patch8", "patch8+fusion", "open_clip CoCa", "patch8+audio")
+BRANCHES = ("tiny", "tiny+fusion", "tiny+fusion-allneg", "patch8", "patch8+fusion", "open_clip CoCa", "patch8+audio")
 
 
 def main() -> None:
@@ -164,6 +166,7 @@ def main() -> None:
     runs = {  # built one at a time, when timed
         "tiny": lambda: _ours([], {}, batch, autocast),
         "tiny+fusion": lambda: _ours([], fusion, batch, autocast),
+        "tiny+fusion-allneg": lambda: _ours([], {"fusion": {"enabled": True, "match_negatives": 1.0}}, batch, autocast),
         "patch8": lambda: _ours(PATCH8, {}, batch, autocast),
         "patch8+fusion": lambda: _ours(PATCH8, fusion, batch, autocast),
         "open_clip CoCa": lambda: _open_clip_coca(batch, autocast),
@@ -177,7 +180,8 @@ def main() -> None:
     if args.only:
         print(json.dumps({"batch_size": b, "precision": autocast.precision, "samples_per_s": result}))
         return
-    print(f"fusion head: {result['tiny+fusion'] / result['tiny']:.2f}x the contrastive step's throughput "
+    print(f"fusion head: {result['tiny+fusion'] / result['tiny']:.2f}x the contrastive step's throughput, "
+          f"{result['tiny+fusion'] / result['tiny+fusion-allneg']:.2f}x the one mining negatives for the whole batch "
           f"({result['patch8+fusion'] / result['patch8']:.2f}x with patch8); "
           f"ours vs open_clip CoCa: {result['patch8+fusion'] / result['open_clip CoCa']:.2f}x")  # fmt: skip
     print(f"audio tower: {result['patch8+audio'] / result['patch8']:.2f}x the contrastive step's throughput")
