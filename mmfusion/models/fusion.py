@@ -181,7 +181,7 @@ class FusionHead(nn.Module):
         nll = -out.output  # (T,)
         # The weights steer which tokens count, not how much the loss weighs in all: normalised by their
         # (detached) sum, the loss stays a mean NLL and train.caption_weight keeps its meaning.
-        weight = (-nll).exp().neg().add(1.0).pow(self.focal_gamma).detach()
+        weight = (1.0 - torch.exp(-nll)).pow(self.focal_gamma).detach()  # (1 - p_t)^gamma
         return (weight * nll).sum() / weight.sum().clamp_min(1e-6)
 
     def next_token_log_probs(self, hidden_last: torch.Tensor) -> torch.Tensor:

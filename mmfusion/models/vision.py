@@ -41,7 +41,7 @@ def conv_stem(patch_size: int, channels: int, full_res_channels: int = 0, half_r
     n = patch_size.bit_length() - 1
     widths = [max(channels >> (n - 1 - i), 8) for i in range(n)]
     strides = [2] * n
-    if half_res_channels:
+    if half_res_channels and n:  # a 1 px patch has no stride-2 stage to follow
         widths, strides = [widths[0], half_res_channels, *widths[1:]], [2, 1, *strides[1:]]
     if full_res_channels:
         widths, strides = [full_res_channels, *widths], [1, *strides]
