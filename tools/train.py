@@ -16,7 +16,7 @@ overrides are key.sub=value pairs checked against the config schema, e.g.
   train.batch_size=128  train.accum_steps=4  train.loss=siglip  model.vision.depth=4
 
 examples:
-  python tools/train.py                                       # tiny model, synthetic data, ~5 min on 2 cores
+  python tools/train.py                                       # tiny model, synthetic data, ~7 min on 2 cores
   python tools/train.py --config configs/tiny.yaml --run-dir runs/mine data.train="shards/{000000..000009}.tar"
   torchrun --nproc_per_node=2 tools/train.py --config configs/small.yaml ...
   python tools/train.py --resume runs/mine                    # continue at the exact sample it stopped at
