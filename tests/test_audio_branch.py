@@ -219,6 +219,6 @@ def test_fusion_head_hears_audio_and_ignores_missing_clips():
     head = model.fusion
     image_only = head.fuse(head.memory(image_tokens)[0], states)
     memory, mask = head.memory(image_tokens, audio_tokens, torch.tensor([True, False]))
-    with_audio = head.fuse(memory, states, mask)
+    with_audio = head.fuse(memory, states, key_mask=mask)
     assert not torch.allclose(with_audio[0], image_only[0], atol=1e-4)  # the clip changes what is fused
     torch.testing.assert_close(with_audio[1], image_only[1], atol=1e-5, rtol=0)  # a missing clip is not heard

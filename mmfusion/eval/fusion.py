@@ -28,7 +28,7 @@ def _match_candidates(model: nn.Module, memory: torch.Tensor, tokens: torch.Tens
     candidates = candidates.to(tokens.device)
     queries, n = candidates.shape
     rows = torch.arange(queries, device=tokens.device).repeat_interleave(n)  # (Q * C,)
-    hidden = head.fuse(memory[candidates.reshape(-1)], states[rows])  # (Q * C, L, W)
+    hidden = head.fuse(memory[candidates.reshape(-1)], states[rows], tokens[rows])  # (Q * C, L, W)
     return head.match_logits(hidden, tokens[rows]).view(queries, n)
 
 

@@ -109,7 +109,7 @@ class CLIPModel(nn.Module):
         _, image_tokens = self.visual(images)
         _, text_states = self.text(tokens)  # (B, L', W): up to the longest caption
         memory, _ = head.memory(image_tokens)
-        return head.match_logits(head.fuse(memory, text_states), tokens)
+        return head.match_logits(head.fuse(memory, text_states, tokens), tokens)
 
     def generate_captions(
         self,

@@ -19,6 +19,7 @@ from open_clip.transformer import MultimodalTransformer
 from torch import nn
 
 from mmfusion.config import FusionConfig, TextConfig
+from mmfusion.models.packed import Packing, cross_attention_block, run_block, self_attention_block
 from mmfusion.models.text import PAD
 
 
@@ -153,20 +154,32 @@ class FusionHead(nn.Module):
         memory = torch.cat([memory, self.audio_proj(audio_tokens)], dim=1)  # (B, M, W)
         return memory, torch.cat([valid, audio_valid], dim=1)
 
-    def fuse(self, memory: torch.Tensor, text_states: torch.Tensor, key_mask: torch.Tensor | None = None):
-        """(B, M, W) memory and (B, L, W) causal text states -> (B, L, W) fused, normalised states."""
-        if key_mask is None:
-            return self.decoder(memory, text_states)
-        # open_clip's decoder passes no mask to its cross-attention; run its layers here with one.
-        length = text_states.shape[1]
-        blocked = torch.zeros(key_mask.shape, dtype=text_states.dtype, device=memory.device)
-        blocked = blocked.masked_fill(~key_mask, float("-inf"))[:, None, :]  # (B, 1, M)
-        cross_mask = blocked.expand(-1, length, -1).repeat_interleave(self.heads, dim=0)  # (B * heads, L, M)
-        x = text_states
+    def fuse(
+        self,
+        memory: torch.Tensor,
+        text_states: torch.Tensor,
+        tokens: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, M, W) memory and (B, L, W) causal text states -> (B, L, W) fused, normalised states.
+
+        ``tokens`` (B, >= L), the states' ids: the layers then skip padding (:mod:`mmfusion.models.packed`) and
+        its states come back zero; None treats every position as real (a decoding prefix). ``key_mask`` (B, M)
+        bool: which memory tokens may be read (None: all). open_clip's ``MultimodalTransformer`` computes the
+        same at real positions but over the padding too, and passes no mask to its cross-attention.
+        """
+        batch, length = text_states.shape[:2]
+        if tokens is None:
+            filled = torch.ones(batch, length, dtype=torch.bool, device=text_states.device)
+        else:
+            filled = tokens[:, :length] != PAD
+        packing = Packing(filled)
+        x = packing.pack(text_states)  # (T, W)
+        checkpointing = self.decoder.grad_checkpointing
         for block, cross in zip(self.decoder.resblocks, self.decoder.cross_attn, strict=True):
-            x = block(x, attn_mask=self.decoder.attn_mask[:length, :length])
-            x = cross(x, k_x=memory, v_x=memory, attn_mask=cross_mask)
-        return self.decoder.ln_final(x)
+            x = run_block(self_attention_block, block, x, packing, grad_checkpointing=checkpointing)
+            x = run_block(cross_attention_block, cross, x, packing, memory, key_mask, grad_checkpointing=checkpointing)
+        return packing.unpack(self.decoder.ln_final(x))
 
     def caption_loss(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Next-token negative log-likelihood, a (focal-weighted) mean over tokens; padding targets are left out."""
@@ -215,7 +228,7 @@ class FusionHead(nn.Module):
         batch = tokens.shape[0]
         tokens = tokens[:, : text_states.shape[1]]  # the text tower stops at the longest caption (TextTower)
         memory, key_mask = self.memory(image_tokens, audio_tokens, has_audio)  # (B, M, W), (B, M) | None
-        hidden = self.fuse(memory, text_states, key_mask)  # (B, L, W)
+        hidden = self.fuse(memory, text_states, tokens, key_mask)  # (B, L, W)
         out = {"caption_loss": self.caption_loss(hidden, tokens)}
 
         same_caption = (tokens[:, None, :] == tokens[None, :, :]).all(dim=2)  # (B, B)
@@ -229,7 +242,7 @@ class FusionHead(nn.Module):
             image_rows = torch.cat([arange[:half], negative_image])  # (negatives,)
             text_rows = torch.cat([negative_text, arange[half:negatives]])
             mask = key_mask[image_rows] if key_mask is not None else None  # a clip goes with its image
-            hidden = self.fuse(memory[image_rows], text_states[text_rows], mask)
+            hidden = self.fuse(memory[image_rows], text_states[text_rows], tokens[text_rows], mask)
             logits.append(self.match_logits(hidden, tokens[text_rows]))
             labels.append(same_caption[image_rows, text_rows].float())
             weights = [ones * (negatives / batch), torch.ones(negatives, device=tokens.device)]
