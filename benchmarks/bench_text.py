@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The text tower cut at the longest caption (ours) vs open_clip's ``TextTransformer.forward`` (the full context).
+"""The text tower on real tokens only (ours: cut at the longest caption, padding rows skipped, ``models/packed.py``)
+vs open_clip's ``TextTransformer.forward`` (every block over the full context).
 
 Same weights (the ``tiny`` text tower), same real synthetic captions, the training loop's precision (``auto``):
 

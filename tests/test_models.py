@@ -101,8 +101,9 @@ def test_conv_stem_width_sets_its_channels():
     """vision.stem_width: the last stem stage has that many channels and each earlier one half as many; 0 keeps the
     layout of earlier checkpoints (ending at width / 2), so they still load."""
 
-    def channels(**vision):
-        vision = {"depth": 1, "stem": "conv", "patch_size": 16, "stem_full_res_width": 0, **vision}
+    def channels(**overrides):
+        vision = {"depth": 1, "stem": "conv", "patch_size": 16, "stem_full_res_width": 0, "stem_half_res_width": 0}
+        vision.update(overrides)
         model = create_model("tiny", vision=vision, text={"depth": 1})
         return [m.out_channels for m in model.visual.trunk.patch_embed.backbone if isinstance(m, torch.nn.Conv2d)]
 
@@ -114,7 +115,7 @@ def test_conv_stem_width_sets_its_channels():
 
 def test_conv_stem_full_res_block_keeps_the_resolution_and_the_token_grid():
     """vision.stem_full_res_width adds one stride-1 block ahead of the stride-2 stages; 0 adds none (older layout)."""
-    vision = {"depth": 1, "stem": "conv", "patch_size": 16, "width": 128, "stem_width": 256}
+    vision = {"depth": 1, "stem": "conv", "patch_size": 16, "width": 128, "stem_width": 256, "stem_half_res_width": 0}
     stem = create_model("tiny", vision={**vision, "stem_full_res_width": 8}, text={"depth": 1}).visual.trunk
     convs = [m for m in stem.patch_embed.backbone if isinstance(m, torch.nn.Conv2d)]
     assert [(c.out_channels, c.stride) for c in convs] == [(8, (1, 1)), (32, (2, 2)), (64, (2, 2)), (128, (2, 2))] + [
