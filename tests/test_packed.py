@@ -31,6 +31,20 @@ def test_packing_keeps_each_row_up_to_its_last_token_and_round_trips():
     assert not back[~packing.real].any()
 
 
+def test_a_caption_of_padding_only_pools_as_open_clip_does():
+    """Hand-made ids (not the tokenizer's) may hold a row of padding only: it keeps position 0, where open_clip's
+    argmax pooling reads, wherever it sits in the batch; no row borrows another's state."""
+    torch.manual_seed(0)
+    model = create_model(load_config("tiny", TINY).model).eval()
+    tokens = torch.zeros(3, 32, dtype=torch.long)
+    tokens[1] = create_tokenizer(32)(["a red circle"])[0]  # padding-only rows first and last
+    assert Packing(tokens != PAD).real.sum(dim=1).tolist() == [1, 5, 1]
+    with torch.no_grad():
+        pooled, _ = model.text(tokens)
+        reference, _ = model.text.transformer(tokens)
+    torch.testing.assert_close(pooled, reference, rtol=1e-5, atol=1e-5)
+
+
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

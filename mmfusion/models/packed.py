@@ -23,12 +23,13 @@ class Packing:
 
     ``filled`` (B, L) bool marks non-padding tokens. A row's real positions run up to its last one, so a ``!``
     inside a caption (id 0, open_clip's padding id) still counts, as does every position of a decoding prefix.
+    Position 0 always counts: a row of padding only keeps one state, where open_clip's argmax pooling reads it.
     """
 
     def __init__(self, filled: torch.Tensor):
         self.batch, self.length = filled.shape
         positions = torch.arange(self.length, device=filled.device)
-        last = torch.where(filled, positions, -1).amax(dim=1)  # (B,) last real position, -1 if none
+        last = torch.where(filled, positions, 0).amax(dim=1)  # (B,) last real position, at least 0
         self.real = positions <= last[:, None]  # (B, L)
         self.index = self.real.flatten().nonzero().squeeze(1)  # (T,) rows of the flattened grid
         self.positions = self.index % self.length  # (T,) position of each packed row in its caption
