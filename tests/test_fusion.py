@@ -336,3 +336,44 @@ def test_image_position_embedding_tells_grid_cells_apart_and_skips_weight_decay(
     assert plain.fusion.image_pos is None
     memory, _ = plain.fusion.memory(same)
     torch.testing.assert_close(memory[0, 1:], memory[0, :1].expand(grid, -1))  # without it, identical
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_stem_memory_appends_the_stem_map_to_the_decoder_memory(pool, tmp_path):
+    """fusion.stem_memory: the tower's ViT tokens and pooled embedding are what they are without it, the stem's map
+    one stride-2 stage before the patch grid follows them as one projected token per pixel, the captioning loss
+    trains that projection, it round-trips through a checkpoint, and a model without a decoder has no such part."""
+    from mmfusion.train.checkpoint import load_weights, save_checkpoint
+
+    conv = ["model.vision.stem=conv", "model.vision.patch_size=16", "model.vision.stem_width=32"]
+    conv.append(f"model.vision.pool={pool}")
+    torch.manual_seed(0)
+    cfg = load_config("tiny", [*TINY, *FUSION, *conv, "model.fusion.stem_memory=true"]).model
+    model = create_model(cfg)
+    plain = create_model(load_config("tiny", [*TINY, *FUSION, *conv]).model)
+    plain.visual.load_state_dict({k: v for k, v in model.visual.state_dict().items() if not k.startswith("stem_proj")})
+
+    images = torch.randn(2, 3, 64, 64)
+    features, tokens = model.visual(images)
+    plain_features, plain_tokens = plain.visual(images)
+    assert tokens.shape == (2, 1 + 4 * 4 + 8 * 8, cfg.vision.width)
+    torch.testing.assert_close(tokens[:, :17], plain_tokens)
+    torch.testing.assert_close(features, plain_features)  # avg pooling does not average the stem tokens in
+    stem = model.visual.trunk.patch_embed.backbone
+    stem_map = stem[: model.visual.stem_tap + 1](images)  # (2, C, 8, 8)
+    torch.testing.assert_close(tokens[:, 17:], model.visual.stem_proj(stem_map.flatten(2).transpose(1, 2)))
+    assert not any(m._forward_hooks for m in model.modules())  # the tap is there for one forward only
+    assert model.fusion.image_pos.shape[1] == tokens.shape[1]  # every memory token has its own position
+
+    batch = {"image": images, "text": create_tokenizer(32)(["a red circle", "a small blue square on the left"])}
+    model(batch, fusion=True)["caption_loss"].backward()
+    assert model.visual.stem_proj[0].weight.grad.abs().sum() > 0
+
+    other = create_model(cfg)
+    load_weights(save_checkpoint(tmp_path, 1, model, None, {"config": {}}), other)
+    torch.testing.assert_close(other.visual(images)[1], tokens)
+
+    contrastive = create_model(load_config("tiny", [*TINY, *conv, "model.fusion.stem_memory=true"]).model)
+    assert contrastive.visual.stem_proj is None  # an unused parameter would break DDP
+    with pytest.raises(ConfigError, match="stem_memory"):  # TINY's patch stem has no map to read
+        load_config("tiny", [*TINY, *FUSION, "model.fusion.stem_memory=true"])

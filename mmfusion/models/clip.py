@@ -28,7 +28,8 @@ class CLIPModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionTower(cfg.vision, cfg.embed_dim)
+        stem_tokens = cfg.fusion.enabled and cfg.fusion.stem_memory
+        self.visual = VisionTower(cfg.vision, cfg.embed_dim, stem_tokens=stem_tokens)
         self.text = TextTower(cfg.text, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         # Created only for the sigmoid loss: an unused parameter would break DDP's gradient sync.
@@ -37,6 +38,8 @@ class CLIPModel(nn.Module):
         self.fusion = None
         if cfg.fusion.enabled:
             image_tokens = 1 + (cfg.vision.image_size // cfg.vision.patch_size) ** 2  # CLS + the patch grid
+            if stem_tokens:
+                image_tokens += (2 * cfg.vision.image_size // cfg.vision.patch_size) ** 2
             self.fusion = FusionHead(cfg.fusion, cfg.text, cfg.vision.width, image_tokens, audio_width)
         self.audio = AudioTower(cfg.audio, cfg.embed_dim) if cfg.audio.enabled else None
 

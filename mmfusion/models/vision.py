@@ -61,7 +61,7 @@ def _conv_embed(cfg: VisionConfig, img_size, in_chans, embed_dim, bias, **_) -> 
 
 
 class VisionTower(nn.Module):
-    def __init__(self, cfg: VisionConfig, embed_dim: int):
+    def __init__(self, cfg: VisionConfig, embed_dim: int, stem_tokens: bool = False):
         super().__init__()
         self.cfg = cfg
         self.trunk = VisionTransformer(
@@ -78,18 +78,39 @@ class VisionTower(nn.Module):
         )
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=cfg.width**-0.5)
+        # fusion.stem_memory: the decoder also reads the stem's map one stride-2 stage before the patch grid.
+        self.stem_tap, self.stem_proj = None, None
+        if stem_tokens:
+            stem = self.trunk.patch_embed.backbone
+            last = max(i for i, m in enumerate(stem) if isinstance(m, nn.Conv2d) and m.stride == (2, 2))
+            self.stem_tap = last - 1  # index of the activation that the last stride-2 conv reads
+            self.stem_proj = nn.Sequential(nn.Linear(stem[last].in_channels, cfg.width), nn.LayerNorm(cfg.width))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, 1 + N, W) normalised tokens, CLS first."""
+        """(B, 3, S, S) -> (B, 1 + N, W) normalised tokens, CLS first; with stem tokens (B, 1 + N + 4N, W), the
+        stem's (2h, 2w) map after the ViT's (h, w) grid, row-major."""
         if self.cfg.stem == "conv":  # oneDNN's convolutions: fwd + bwd of the tiny tower 11% faster on 2 CPU cores
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.trunk.forward_features(images)
+        if self.stem_tap is None:
+            return self.trunk.forward_features(images)
+        # timm's HybridEmbed keeps only its backbone's last output; a hook for the one forward reads the earlier map
+        # without rewriting timm's forward (which would fork from it across versions).
+        maps = []
+        tap = self.trunk.patch_embed.backbone[self.stem_tap]
+        handle = tap.register_forward_hook(lambda module, args, out: maps.append(out))
+        try:
+            tokens = self.trunk.forward_features(images)  # (B, 1 + N, W)
+        finally:
+            handle.remove()
+        fine = self.stem_proj(maps[0].flatten(2).transpose(1, 2))  # (B, 4N, W)
+        return torch.cat([tokens, fine], dim=1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the projected pooled embedding (B, E), unnormalised, and the tokens (B, 1 + N, W)."""
-        tokens = self.forward_features(images)  # (B, 1 + N, W)
-        pooled = self.trunk.forward_head(tokens, pre_logits=True)  # (B, W)
-        return self.proj(pooled), tokens  # (B, E), (B, 1 + N, W)
+        """Returns the projected pooled embedding (B, E), unnormalised, and the tokens (see forward_features)."""
+        tokens = self.forward_features(images)  # (B, 1 + N [+ 4N], W)
+        vit_tokens = tokens[:, : self.trunk.num_prefix_tokens + self.trunk.patch_embed.num_patches]
+        pooled = self.trunk.forward_head(vit_tokens, pre_logits=True)  # (B, W); never pools stem tokens
+        return self.proj(pooled), tokens
