@@ -23,6 +23,7 @@ The last line printed is one JSON object with the figures.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["mmfusion", "open_clip"], help="run one trainer only")
     parser.add_argument("--profile", action="store_true", help="print where our step time goes")
     args = parser.parse_args(argv)
+    if args.only != "mmfusion" and importlib.util.find_spec("pandas") is None:  # found out only after building shards
+        parser.error('open_clip_train imports pandas: pip install -e ".[bench]" (or run make bench)')
     import torch
 
     from mmfusion.train.precision import resolve_precision
