@@ -136,10 +136,10 @@ class FusionConfig:
     # name what is in the image. 0 is the plain mean (CoCa).
     caption_focal_gamma: float = 0.0
     # The decoder also reads the conv stem's map one stride-2 stage before the patch grid (8x8 more tokens for 16 px
-    # patches at 64 px), projected to the tower's width (VisionTower); needs vision.stem=conv. tiny, seeds 0-3: seen
-    # caption attribute accuracy 95.9 / 91.4 / 88.0 / 90.1 against 90.4 / 88.5 / 86.8 / 87.8, but held-out R@1 63.8 /
-    # 54.0 / 56.2 / 60.1 against 66.0 / 62.1 / 59.6 / 60.2 (the ViT learns less shape from captioning once the decoder
-    # can read it off the stem) at ~18% fewer samples/s. Off by default, since search is the main use; README, Results.
+    # patches at 64 px), projected to the tower's width (VisionTower); needs vision.stem=conv. tiny, seeds 0-4: seen
+    # caption attribute accuracy mean 92.0 against 88.2, but held-out R@1 59.2 against 61.9 and reranked 66.5 against
+    # 69.7 (the ViT learns less shape from captioning once the decoder can read it off the stem), at ~18% fewer
+    # samples/s. Off by default, since search is the main use; README, Results.
     stem_memory: bool = False
 
     def __post_init__(self):
