@@ -19,7 +19,8 @@ class CLIPModel(nn.Module):
     """Image and text towers projected into one L2-normalised embedding space.
 
     ``model(batch)`` always returns a dict: normalised ``image_features``/``text_features`` (B, E),
-    ``image_tokens`` (B, 1 + N, W), ``text_tokens`` (B, L, W) up to the batch's longest caption, ``logit_scale``
+    ``image_tokens`` (B, 1 + N, W; with ``fusion=True`` and ``fusion.stem_memory`` the stem's tokens follow),
+    ``text_tokens`` (B, L, W) up to the batch's longest caption, ``logit_scale``
     (exp'd temperature) and, when the config has one, ``logit_bias``. ``model(batch, fusion=True)`` adds the
     fusion head's ``caption_loss``, ``match_loss`` and ``match_acc``; they are computed inside ``forward`` so
     that DistributedDataParallel sees every parameter used in its forward pass.
@@ -28,8 +29,7 @@ class CLIPModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        stem_tokens = cfg.fusion.enabled and cfg.fusion.stem_memory
-        self.visual = VisionTower(cfg.vision, cfg.embed_dim, stem_tokens=stem_tokens)
+        self.visual = VisionTower(cfg.vision, cfg.embed_dim, stem_tokens=cfg.fusion.enabled and cfg.fusion.stem_memory)
         self.text = TextTower(cfg.text, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         # Created only for the sigmoid loss: an unused parameter would break DDP's gradient sync.
@@ -37,10 +37,7 @@ class CLIPModel(nn.Module):
         audio_width = cfg.audio.width if cfg.audio.enabled else None
         self.fusion = None
         if cfg.fusion.enabled:
-            image_tokens = 1 + (cfg.vision.image_size // cfg.vision.patch_size) ** 2  # CLS + the patch grid
-            if stem_tokens:
-                image_tokens += (2 * cfg.vision.image_size // cfg.vision.patch_size) ** 2
-            self.fusion = FusionHead(cfg.fusion, cfg.text, cfg.vision.width, image_tokens, audio_width)
+            self.fusion = FusionHead(cfg.fusion, cfg.text, cfg.vision.width, self.visual.num_tokens, audio_width)
         self.audio = AudioTower(cfg.audio, cfg.embed_dim) if cfg.audio.enabled else None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -63,7 +60,7 @@ class CLIPModel(nn.Module):
         return names
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features, _ = self.visual(images)  # (B, E)
+        features, _ = self.visual(images, with_stem=False)  # (B, E)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -81,7 +78,8 @@ class CLIPModel(nn.Module):
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
         if "image" in batch:
-            image_features, image_tokens = self.visual(batch["image"])  # (B, E), (B, 1 + N, W)
+            # Stem tokens only feed the fusion head: a contrastive pass (the gradient cache's, evaluation) skips them.
+            image_features, image_tokens = self.visual(batch["image"], with_stem=fusion)  # (B, E), (B, M, W)
             out["image_features"] = F.normalize(image_features, dim=-1)
             out["image_tokens"] = image_tokens
         if "text" in batch:

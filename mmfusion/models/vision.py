@@ -85,16 +85,19 @@ class VisionTower(nn.Module):
             last = max(i for i, m in enumerate(stem) if isinstance(m, nn.Conv2d) and m.stride == (2, 2))
             self.stem_tap = last - 1  # index of the activation that the last stride-2 conv reads
             self.stem_proj = nn.Sequential(nn.Linear(stem[last].in_channels, cfg.width), nn.LayerNorm(cfg.width))
+        self.vit_tokens = self.trunk.num_prefix_tokens + self.trunk.patch_embed.num_patches  # CLS + the patch grid
+        # The tokens forward returns: the ViT's, then (2h, 2w) stem tokens for an (h, w) grid.
+        self.num_tokens = self.vit_tokens + (4 * self.trunk.patch_embed.num_patches if stem_tokens else 0)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, 1 + N, W) normalised tokens, CLS first; with stem tokens (B, 1 + N + 4N, W), the
-        stem's (2h, 2w) map after the ViT's (h, w) grid, row-major."""
+    def forward_features(self, images: torch.Tensor, with_stem: bool = True) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, 1 + N, W) normalised tokens, CLS first; with stem tokens (when the tower has them and
+        ``with_stem``) (B, 1 + N + 4N, W), the stem's (2h, 2w) map after the ViT's (h, w) grid, row-major."""
         if self.cfg.stem == "conv":  # oneDNN's convolutions: fwd + bwd of the tiny tower 11% faster on 2 CPU cores
             images = images.contiguous(memory_format=torch.channels_last)
-        if self.stem_tap is None:
+        if self.stem_tap is None or not with_stem:
             return self.trunk.forward_features(images)
         # timm's HybridEmbed keeps only its backbone's last output; a hook for the one forward reads the earlier map
         # without rewriting timm's forward (which would fork from it across versions).
@@ -108,9 +111,9 @@ class VisionTower(nn.Module):
         fine = self.stem_proj(maps[0].flatten(2).transpose(1, 2))  # (B, 4N, W)
         return torch.cat([tokens, fine], dim=1)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the projected pooled embedding (B, E), unnormalised, and the tokens (see forward_features)."""
-        tokens = self.forward_features(images)  # (B, 1 + N [+ 4N], W)
-        vit_tokens = tokens[:, : self.trunk.num_prefix_tokens + self.trunk.patch_embed.num_patches]
-        pooled = self.trunk.forward_head(vit_tokens, pre_logits=True)  # (B, W); never pools stem tokens
+    def forward(self, images: torch.Tensor, with_stem: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the projected pooled embedding (B, E), unnormalised, and the tokens (see forward_features);
+        ``with_stem=False`` skips the stem tokens where only the embedding is wanted."""
+        tokens = self.forward_features(images, with_stem)  # (B, 1 + N [+ 4N], W)
+        pooled = self.trunk.forward_head(tokens[:, : self.vit_tokens], pre_logits=True)  # (B, W); never the stem's
         return self.proj(pooled), tokens
