@@ -339,10 +339,11 @@ def test_image_position_embedding_tells_grid_cells_apart_and_skips_weight_decay(
 
 
 @pytest.mark.parametrize("pool", ["token", "avg"])
-def test_stem_memory_appends_the_stem_map_to_the_decoder_memory(pool, tmp_path):
-    """fusion.stem_memory: the tower's ViT tokens and pooled embedding are what they are without it, the stem's map
-    one stride-2 stage before the patch grid follows them as one projected token per pixel, the captioning loss
-    trains that projection, it round-trips through a checkpoint, and a model without a decoder has no such part."""
+def test_stem_memory_folds_the_stem_map_into_the_decoder_memory(pool, tmp_path):
+    """fusion.stem_memory: the tower's pooled embedding and CLS token are what they are without it, each patch token
+    gains the projection of the 2x2 block of the stem's map under it (the map one stride-2 stage before the patch
+    grid), the captioning loss trains that projection, it round-trips through a checkpoint, and a model without a
+    decoder has no such part."""
     from mmfusion.train.checkpoint import load_weights, save_checkpoint
 
     conv = ["model.vision.stem=conv", "model.vision.patch_size=16", "model.vision.stem_width=32"]
@@ -356,14 +357,19 @@ def test_stem_memory_appends_the_stem_map_to_the_decoder_memory(pool, tmp_path):
     images = torch.randn(2, 3, 64, 64)
     features, tokens = model.visual(images)
     plain_features, plain_tokens = plain.visual(images)
-    assert tokens.shape == (2, 1 + 4 * 4 + 8 * 8, cfg.vision.width)
-    torch.testing.assert_close(tokens[:, :17], plain_tokens)
-    torch.testing.assert_close(features, plain_features)  # avg pooling does not average the stem tokens in
+    assert tokens.shape == plain_tokens.shape == (2, 1 + 4 * 4, cfg.vision.width)  # the memory keeps its length
+    torch.testing.assert_close(features, plain_features)  # avg pooling does not average the stem's map in
+    torch.testing.assert_close(model.visual(images, with_stem=False)[1], plain_tokens)
+    torch.testing.assert_close(tokens[:, 0], plain_tokens[:, 0])
     stem = model.visual.trunk.patch_embed.backbone
     stem_map = stem[: model.visual.stem_tap + 1](images)  # (2, C, 8, 8)
-    torch.testing.assert_close(tokens[:, 17:], model.visual.stem_proj(stem_map.flatten(2).transpose(1, 2)))
+    # The patch token at grid cell (1, 2) (row-major: 1 + 1 * 4 + 2) gains the 2x2 block of rows 2-3, columns 4-5.
+    block = stem_map[:, :, 2:4, 4:6].permute(0, 2, 3, 1)  # (2, 2, 2, C): (dy, dx, channel)
+    folded = block.permute(0, 3, 1, 2).reshape(2, -1)  # pixel_unshuffle's order: channel, then dy, then dx
+    expected = plain_tokens[:, 7] + model.visual.stem_proj(folded)
+    torch.testing.assert_close(tokens[:, 7], expected)
     assert not any(m._forward_hooks for m in model.modules())  # the tap is there for one forward only
-    assert model.fusion.image_pos.shape[1] == tokens.shape[1]  # every memory token has its own position
+    assert model.fusion.image_pos.shape[1] == tokens.shape[1]
 
     batch = {"image": images, "text": create_tokenizer(32)(["a red circle", "a small blue square on the left"])}
     model(batch, fusion=True)["caption_loss"].backward()

@@ -19,7 +19,7 @@ class CLIPModel(nn.Module):
     """Image and text towers projected into one L2-normalised embedding space.
 
     ``model(batch)`` always returns a dict: normalised ``image_features``/``text_features`` (B, E),
-    ``image_tokens`` (B, 1 + N, W; with ``fusion=True`` and ``fusion.stem_memory`` the stem's tokens follow),
+    ``image_tokens`` (B, 1 + N, W; with ``fusion=True`` and ``fusion.stem_memory`` the stem's map folded in),
     ``text_tokens`` (B, L, W) up to the batch's longest caption, ``logit_scale``
     (exp'd temperature) and, when the config has one, ``logit_bias``. ``model(batch, fusion=True)`` adds the
     fusion head's ``caption_loss``, ``match_loss`` and ``match_acc``; they are computed inside ``forward`` so
@@ -29,7 +29,7 @@ class CLIPModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionTower(cfg.vision, cfg.embed_dim, stem_tokens=cfg.fusion.enabled and cfg.fusion.stem_memory)
+        self.visual = VisionTower(cfg.vision, cfg.embed_dim, stem_memory=cfg.fusion.enabled and cfg.fusion.stem_memory)
         self.text = TextTower(cfg.text, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         # Created only for the sigmoid loss: an unused parameter would break DDP's gradient sync.
@@ -78,7 +78,7 @@ class CLIPModel(nn.Module):
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
         if "image" in batch:
-            # Stem tokens only feed the fusion head: a contrastive pass (the gradient cache's, evaluation) skips them.
+            # The stem's map only feeds the fusion head: a contrastive pass (the gradient cache's, evaluation) skips it.
             image_features, image_tokens = self.visual(batch["image"], with_stem=fusion)  # (B, E), (B, M, W)
             out["image_features"] = F.normalize(image_features, dim=-1)
             out["image_tokens"] = image_tokens

@@ -17,6 +17,7 @@ import torch
 from timm.layers import HybridEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.nn import functional as F
 
 from mmfusion.config import VisionConfig
 
@@ -61,7 +62,7 @@ def _conv_embed(cfg: VisionConfig, img_size, in_chans, embed_dim, bias, **_) -> 
 
 
 class VisionTower(nn.Module):
-    def __init__(self, cfg: VisionConfig, embed_dim: int, stem_tokens: bool = False):
+    def __init__(self, cfg: VisionConfig, embed_dim: int, stem_memory: bool = False):
         super().__init__()
         self.cfg = cfg
         self.trunk = VisionTransformer(
@@ -78,42 +79,51 @@ class VisionTower(nn.Module):
         )
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=cfg.width**-0.5)
-        # fusion.stem_memory: the decoder also reads the stem's map one stride-2 stage before the patch grid.
+        # fusion.stem_memory: the tokens the decoder reads also carry the stem's map one stride-2 stage before the patch
+        # grid, each 2x2 block of it folded into the patch token it lies under (see forward).
         self.stem_tap, self.stem_proj = None, None
-        if stem_tokens:
+        if stem_memory:
             stem = self.trunk.patch_embed.backbone
             last = max(i for i, m in enumerate(stem) if isinstance(m, nn.Conv2d) and m.stride == (2, 2))
             self.stem_tap = last - 1  # index of the activation that the last stride-2 conv reads
-            self.stem_proj = nn.Sequential(nn.Linear(stem[last].in_channels, cfg.width), nn.LayerNorm(cfg.width))
-        self.vit_tokens = self.trunk.num_prefix_tokens + self.trunk.patch_embed.num_patches  # CLS + the patch grid
-        # The tokens forward returns: the ViT's, then (2h, 2w) stem tokens for an (h, w) grid.
-        self.num_tokens = self.vit_tokens + (4 * self.trunk.patch_embed.num_patches if stem_tokens else 0)
+            self.stem_proj = nn.Sequential(nn.Linear(4 * stem[last].in_channels, cfg.width), nn.LayerNorm(cfg.width))
+        self.num_tokens = self.trunk.num_prefix_tokens + self.trunk.patch_embed.num_patches  # CLS + the patch grid
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)
 
-    def forward_features(self, images: torch.Tensor, with_stem: bool = True) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, 1 + N, W) normalised tokens, CLS first; with stem tokens (when the tower has them and
-        ``with_stem``) (B, 1 + N + 4N, W), the stem's (2h, 2w) map after the ViT's (h, w) grid, row-major."""
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, 1 + N, W) normalised ViT tokens, CLS first, then the (h, w) patch grid row-major."""
         if self.cfg.stem == "conv":  # oneDNN's convolutions: fwd + bwd of the tiny tower 11% faster on 2 CPU cores
             images = images.contiguous(memory_format=torch.channels_last)
-        if self.stem_tap is None or not with_stem:
-            return self.trunk.forward_features(images)
+        return self.trunk.forward_features(images)
+
+    def _features_and_stem_map(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ViT tokens (B, 1 + N, W) and the stem's map (B, C, 2h, 2w) that its last stride-2 conv read."""
         # timm's HybridEmbed keeps only its backbone's last output; a hook for the one forward reads the earlier map
         # without rewriting timm's forward (which would fork from it across versions).
         maps = []
         tap = self.trunk.patch_embed.backbone[self.stem_tap]
         handle = tap.register_forward_hook(lambda module, args, out: maps.append(out))
         try:
-            tokens = self.trunk.forward_features(images)  # (B, 1 + N, W)
+            tokens = self.forward_features(images)
         finally:
             handle.remove()
-        fine = self.stem_proj(maps[0].flatten(2).transpose(1, 2))  # (B, 4N, W)
-        return torch.cat([tokens, fine], dim=1)
+        return tokens, maps[0]
 
     def forward(self, images: torch.Tensor, with_stem: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the projected pooled embedding (B, E), unnormalised, and the tokens (see forward_features);
-        ``with_stem=False`` skips the stem tokens where only the embedding is wanted."""
-        tokens = self.forward_features(images, with_stem)  # (B, 1 + N [+ 4N], W)
-        pooled = self.trunk.forward_head(tokens[:, : self.vit_tokens], pre_logits=True)  # (B, W); never the stem's
+        """Returns the projected pooled embedding (B, E), unnormalised, and the tokens (B, 1 + N, W) the fusion head
+        reads. With a stem memory (and ``with_stem``), each patch token also gets the projection of the 2x2 block of
+        the stem's map under it, added after pooling, so the embedding never depends on it; ``with_stem=False``
+        skips that where only the embedding is wanted."""
+        if self.stem_proj is None or not with_stem:
+            tokens = self.forward_features(images)  # (B, 1 + N, W)
+            return self.proj(self.trunk.forward_head(tokens, pre_logits=True)), tokens
+        tokens, stem_map = self._features_and_stem_map(images)  # (B, 1 + N, W), (B, C, 2h, 2w)
+        pooled = self.trunk.forward_head(tokens, pre_logits=True)  # (B, W)
+        # A 2x2 block per patch token rather than one token per pixel: the decoder's memory keeps its length
+        # (1 + 16 in tiny, not 1 + 16 + 64), so cross-attention costs what it did; README, Results.
+        fine = self.stem_proj(F.pixel_unshuffle(stem_map, 2).flatten(2).transpose(1, 2))  # (B, N, W)
+        prefix = self.trunk.num_prefix_tokens
+        tokens = torch.cat([tokens[:, :prefix], tokens[:, prefix:] + fine], dim=1)  # (B, 1 + N, W)
         return self.proj(pooled), tokens
