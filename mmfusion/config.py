@@ -135,11 +135,10 @@ class FusionConfig:
     # normalised by the total weight, so once the function words are easy the loss is carried by the words that
     # name what is in the image. 0 is the plain mean (CoCa).
     caption_focal_gamma: float = 0.0
-    # The decoder also reads the conv stem's map one stride-2 stage before the patch grid (8x8 more tokens for 16 px
-    # patches at 64 px), projected to the tower's width (VisionTower); needs vision.stem=conv. tiny, seeds 0-4: seen
-    # caption attribute accuracy mean 92.0 against 88.2, but held-out R@1 59.2 against 61.9 and reranked 66.5 against
-    # 69.7 (the ViT learns less shape from captioning once the decoder can read it off the stem), at ~18% fewer
-    # samples/s. Off by default, since search is the main use; README, Results.
+    # Each patch token the decoder reads also gets a projection (Linear + LayerNorm) of the 2x2 block of the conv stem's
+    # map one stride-2 stage before the patch grid, added after pooling (VisionTower): a 16 px token is too coarse for
+    # the shape of a 14-18 px object, which is what captions got wrong. Needs vision.stem=conv, so off here; tiny turns
+    # it on (its comment and README, Results, have five seeds with and without it).
     stem_memory: bool = False
 
     def __post_init__(self):
@@ -255,7 +254,8 @@ class ModelConfig:
             _check(self.fusion.vocab_cutoffs[-1] < self.text.vocab_size, "fusion.vocab_cutoffs must be < vocab_size")
             _check(
                 not self.fusion.stem_memory or (self.vision.stem == "conv" and self.vision.patch_size >= 4),
-                "fusion.stem_memory needs vision.stem=conv and vision.patch_size >= 4 (two stride-2 stages)",
+                "fusion.stem_memory needs vision.stem=conv and vision.patch_size >= 4 (two stride-2 stages); "
+                "set model.fusion.stem_memory=false for another image tower",
             )
 
 
