@@ -364,8 +364,7 @@ def test_stem_memory_folds_the_stem_map_into_the_decoder_memory(pool, tmp_path):
     stem = model.visual.trunk.patch_embed.backbone
     stem_map = stem[: model.visual.stem_tap + 1](images)  # (2, C, 8, 8)
     # The patch token at grid cell (1, 2) (row-major: 1 + 1 * 4 + 2) gains the 2x2 block of rows 2-3, columns 4-5.
-    block = stem_map[:, :, 2:4, 4:6].permute(0, 2, 3, 1)  # (2, 2, 2, C): (dy, dx, channel)
-    folded = block.permute(0, 3, 1, 2).reshape(2, -1)  # pixel_unshuffle's order: channel, then dy, then dx
+    folded = stem_map[:, :, 2:4, 4:6].reshape(2, -1)  # pixel_unshuffle's order: channel, then dy, then dx
     expected = plain_tokens[:, 7] + model.visual.stem_proj(folded)
     torch.testing.assert_close(tokens[:, 7], expected)
     assert not any(m._forward_hooks for m in model.modules())  # the tap is there for one forward only

@@ -117,13 +117,14 @@ class VisionTower(nn.Module):
         the stem's map under it, added after pooling, so the embedding never depends on it; ``with_stem=False``
         skips that where only the embedding is wanted."""
         if self.stem_proj is None or not with_stem:
-            tokens = self.forward_features(images)  # (B, 1 + N, W)
-            return self.proj(self.trunk.forward_head(tokens, pre_logits=True)), tokens
-        tokens, stem_map = self._features_and_stem_map(images)  # (B, 1 + N, W), (B, C, 2h, 2w)
+            tokens, stem_map = self.forward_features(images), None  # (B, 1 + N, W)
+        else:
+            tokens, stem_map = self._features_and_stem_map(images)  # (B, 1 + N, W), (B, C, 2h, 2w)
         pooled = self.trunk.forward_head(tokens, pre_logits=True)  # (B, W)
-        # A 2x2 block per patch token rather than one token per pixel: the decoder's memory keeps its length
-        # (1 + 16 in tiny, not 1 + 16 + 64), so cross-attention costs what it did; README, Results.
-        fine = self.stem_proj(F.pixel_unshuffle(stem_map, 2).flatten(2).transpose(1, 2))  # (B, N, W)
-        prefix = self.trunk.num_prefix_tokens
-        tokens = torch.cat([tokens[:, :prefix], tokens[:, prefix:] + fine], dim=1)  # (B, 1 + N, W)
+        if stem_map is not None:
+            # A 2x2 block per patch token rather than one token per pixel: the decoder's memory keeps its length
+            # (1 + 16 in tiny, not 1 + 16 + 64), so cross-attention costs what it did; README, Results.
+            fine = self.stem_proj(F.pixel_unshuffle(stem_map, 2).flatten(2).transpose(1, 2))  # (B, N, W)
+            prefix = self.trunk.num_prefix_tokens
+            tokens = torch.cat([tokens[:, :prefix], tokens[:, prefix:] + fine], dim=1)  # (B, 1 + N, W)
         return self.proj(pooled), tokens
