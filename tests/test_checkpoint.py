@@ -56,8 +56,9 @@ def test_optimizer_round_trip_and_clear_errors(tmp_path):
     load_optimizer(path, fresh)
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
 
-    with pytest.raises(CheckpointError, match="does not fit the model config"):
+    with pytest.raises(CheckpointError, match="does not fit the model config") as error:
         load_weights(path, nn.Linear(5, 3))
+    assert "size mismatch for weight" in str(error.value)  # which weight, not only torch's header line
     (path / "optimizer.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot restore the optimizer"):
         load_optimizer(path, fresh)

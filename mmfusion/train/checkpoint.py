@@ -166,8 +166,10 @@ def load_weights(ckpt: Path, model: nn.Module) -> None:
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exn:  # the config changed since the weights were saved
-        first = str(exn).strip().splitlines()[0]
-        raise CheckpointError(f"{ckpt / WEIGHTS}: does not fit the model config ({first})") from None
+        # torch's first line only names the model class; the next one names a missing, unexpected or resized weight.
+        lines = [line.strip() for line in str(exn).strip().splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise CheckpointError(f"{ckpt / WEIGHTS}: does not fit the model config ({detail})") from None
 
 
 def load_submodule(path: str | Path, model: nn.Module, prefix: str) -> None:
