@@ -11,6 +11,11 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("mmfusion").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+def shown_path(path: str) -> str:
+    """A path as an error line names it: quoted when empty or blank, so "error: : ..." never reaches a user."""
+    return path if path.strip() else repr(path)
+
+
 def error_line(exn: BaseException) -> str:
     """One line for a CLI: the error's own message, also when it was re-raised from a DataLoader worker
     (whose message carries the worker's whole traceback and ends with the original error)."""

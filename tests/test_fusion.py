@@ -269,6 +269,8 @@ def test_caption_tool(fusion_run, tmp_path, capsys):
     assert caption_tool.main(["--checkpoint", str(fusion_run), str(paths[0]), str(bad)]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and "notes.txt" in captured.err
+    assert caption_tool.main(["--checkpoint", str(fusion_run), ""]) == 2
+    assert capsys.readouterr().err.startswith("error: '': not a readable image")  # an empty path is still named
 
 
 @pytest.mark.slow

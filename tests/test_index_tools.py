@@ -144,6 +144,7 @@ def test_retrieve_errors_are_one_line(tmp_path, ckpt, capsys):
         (["--index", str(tmp_path / "p.idx"), "--image", str(photos / "broken.jpg")], "broken.jpg"),
         (["--index", str(tmp_path / "p.idx"), "--image", str(photos / "nope.png")], "nope.png"),
         (["--index", str(tmp_path / "p.idx"), "--text", ""], "empty"),
+        (["--index", str(tmp_path / "p.idx"), "--image", ""], "query image '': no such file"),  # not "image ."
         (["--index", str(tmp_path / "empty.idx"), "--text", "a red circle"], "empty.idx"),
     ]
     for argv, named in cases:

@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import mmfusion
-    from mmfusion.cli import error_line, setup_logging
+    from mmfusion.cli import error_line, setup_logging, shown_path
     from mmfusion.data import load_image
     from mmfusion.train.checkpoint import CheckpointError
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             images.append(load_image(path))
         except Exception as exn:  # missing, unreadable, or not an image at all
-            errors.append(f"error: {path}: not a readable image ({error_line(exn)})")
+            errors.append(f"error: {shown_path(path)}: not a readable image ({error_line(exn)})")
     if errors:
         print("\n".join(errors), file=sys.stderr)
         return 2

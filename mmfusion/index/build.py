@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from mmfusion.cli import shown_path
+
 from . import persist
 from .errors import IndexCorruptError, ModelMismatchError
 from .inputs import IMAGE_SUFFIXES, load_image, to_numpy
@@ -299,7 +301,7 @@ def search(
         if rerank:
             raise ValueError("--rerank needs a text query: the matching head scores image-caption pairs")
         if not Path(audio).is_file():
-            raise FileNotFoundError(f"query audio {audio}: no such file")
+            raise FileNotFoundError(f"query audio {shown_path(str(audio))}: no such file")
         if not hasattr(index.model, "encode_audio"):
             raise ValueError("this model cannot embed audio")
         # AudioLoadError (a ValueError) names the file when it is not readable audio.
@@ -314,8 +316,8 @@ def search(
     if rerank:
         raise ValueError("--rerank needs a text query: the matching head scores image-caption pairs")
     path = Path(image)
-    if not path.is_file():
-        raise FileNotFoundError(f"query image {path}: no such file")
+    if not path.is_file():  # Path("") is ".": name what the user typed
+        raise FileNotFoundError(f"query image {shown_path(str(image))}: no such file")
     try:
         picture = load_image(path)
     except Exception as e:  # any decoder failure means "not an image" to the user
