@@ -457,15 +457,46 @@ def list_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
-def load_config(name_or_path: str | Path = "tiny", overrides: list[str] | None = None) -> RunConfig:
-    """Load a run recipe from YAML, apply overrides, and default the model name to the file stem."""
-    path = resolve_config_path(name_or_path)
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: mappings merge key by key, anything else replaces; an empty section keeps base's."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(base.get(key), dict) and (value is None or isinstance(value, dict)):
+            out[key] = _merge(base[key], value or {})
+        else:
+            out[key] = value
+    return out
+
+
+def _read_recipe(path: Path, including: tuple[Path, ...] = ()) -> dict:
+    """A YAML recipe as a dict, with its ``base:`` recipe (a config name or a path beside it) merged underneath."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exn:
         raise ConfigError(f"{path}: invalid YAML: {exn}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must name a config or a YAML file, got {base!r}")
+    try:
+        base_path = resolve_config_path(path.parent / base if base.endswith((".yaml", ".yml")) else base)
+    except ConfigError as exn:
+        raise ConfigError(f"{path}: base: {exn}") from None
+    if base_path.resolve() in (*including, path.resolve()):
+        raise ConfigError(f"{path}: base '{base}' leads back to itself")
+    return _merge(_read_recipe(base_path, (*including, path.resolve())), data)
+
+
+def load_config(name_or_path: str | Path = "tiny", overrides: list[str] | None = None) -> RunConfig:
+    """Load a run recipe from YAML, apply overrides, and default the model name to the file stem.
+
+    A recipe may start from another (``base: tiny``) and list only what it changes; see ``configs/tiny-fusion.yaml``.
+    """
+    path = resolve_config_path(name_or_path)
+    data = _read_recipe(path)
     for section in ("model", "data", "train"):
         if data.get(section) is None:
             data[section] = {}

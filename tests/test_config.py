@@ -92,3 +92,23 @@ def test_empty_or_scalar_sections(tmp_path):
     scalar.write_text("model: tiny\n")
     with pytest.raises(ConfigError, match="section 'model' must be a mapping"):
         load_config(scalar)
+
+
+def test_a_recipe_can_start_from_another(tmp_path):
+    # The shipped one: tiny-fusion is tiny with the fusion head at batch 64, and nothing else.
+    tiny, fused = to_dict(load_config("tiny")), to_dict(load_config("tiny-fusion"))
+    tiny["model"]["fusion"]["enabled"], tiny["train"]["batch_size"], tiny["model"]["name"] = True, 64, "tiny-fusion"
+    assert fused == tiny
+
+    (tmp_path / "mine.yaml").write_text("base: small\nmodel:\n  vision: {depth: 2}\ndata:\ntrain:\n  lr: 0.5\n")
+    (tmp_path / "child.yaml").write_text("base: mine.yaml\ntrain: {epochs: 3}\n")  # a path beside the file
+    cfg, small = load_config(tmp_path / "child.yaml"), load_config("small")
+    assert cfg.model.name == "child" and cfg.model.vision.depth == 2 and cfg.train.lr == 0.5 and cfg.train.epochs == 3
+    assert cfg.model.vision.width == small.model.vision.width and cfg.data == small.data  # the rest is small's
+
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "typo.yaml").write_text("base: tinny\n")
+    with pytest.raises(ConfigError, match="typo.yaml: base: unknown config 'tinny'; available: .*tiny"):
+        load_config(tmp_path / "typo.yaml")

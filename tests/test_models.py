@@ -44,7 +44,7 @@ def test_forward_backward_shapes(name):
     batch = {"image": torch.randn(2, 3, size, size), "text": tokens}
     if cfg.audio.enabled:  # e.g. tiny-audio
         batch["audio"] = torch.randn(2, cfg.audio.n_mels, num_frames(cfg.audio))
-    out = model(batch)
+    out = model(batch, fusion=cfg.fusion.enabled)  # e.g. tiny-fusion: the captioning and matching losses too
     n_patches = (size // cfg.vision.patch_size) ** 2
     assert out["image_features"].shape == (2, cfg.embed_dim)
     assert out["text_features"].shape == (2, cfg.embed_dim)
@@ -57,6 +57,8 @@ def test_forward_backward_shapes(name):
     if cfg.audio.enabled:
         assert out["audio_features"].shape == (2, cfg.embed_dim)
         loss = loss + (out["audio_features"] @ out["text_features"].T).sum()
+    if cfg.fusion.enabled:
+        loss = loss + out["caption_loss"] + out["match_loss"]
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -21,6 +21,7 @@ examples:
   torchrun --nproc_per_node=2 tools/train.py --config configs/small.yaml ...
   python tools/train.py --resume runs/mine                    # continue at the exact sample it stopped at
   python tools/train.py --resume runs/mine train.epochs=10    # ... and train for longer
+  python tools/train.py --config configs/tiny-fusion.yaml      # + captioning and matching head, ~11 min
   python tools/train.py --config configs/tiny-gen.yaml         # stage 1: image tokenizer, stage 2: generator
 """
 
