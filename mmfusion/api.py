@@ -20,6 +20,7 @@ from mmfusion.eval import EVALUATORS
 from mmfusion.eval.text_to_image import generate_for_prompts
 from mmfusion.models import CLIPModel, create_model, create_tokenizer
 from mmfusion.models.fusion import rerank_score
+from mmfusion.models.text import caption_text
 from mmfusion.train import checkpoint as ckpt_io
 from mmfusion.train.dist import resolve_device
 
@@ -204,7 +205,7 @@ class MMFusion:
                 audio=mels,
                 **options,
             )
-            captions += [self.tokenizer.decode(t).strip() for t in ids]
+            captions += [caption_text(self.tokenizer, t) for t in ids]
         return captions
 
     # ---- generation (models trained with a text_to_image recipe; tokenizing also works on stage 1 alone) ----

@@ -14,6 +14,7 @@ from mmfusion.config import ConfigError, FusionConfig, load_config
 from mmfusion.data.synthetic import make_sample
 from mmfusion.models import create_tokenizer
 from mmfusion.models.fusion import PAD, sample_hard_negatives
+from mmfusion.models.text import caption_text
 from mmfusion.train import train
 from tests.conftest import TINY, tiny_overrides
 from tests.helpers import load_tool
@@ -26,6 +27,15 @@ def _tiny_fusion_model(*overrides: str):
     torch.manual_seed(0)
     cfg = load_config("tiny", [*TINY, *FUSION, *overrides]).model
     return create_model(cfg).eval()
+
+
+def test_captions_read_like_text_not_like_bpe_tokens():
+    tokenizer = create_tokenizer(32)
+    text = "three shapes: a red circle, a blue star and a cyan cross. at the top!"
+    ids = tokenizer([text])[0]
+    ids = ids[(ids != PAD) & (ids != tokenizer.sot_token_id) & (ids != tokenizer.eot_token_id)]
+    assert " , " in tokenizer.decode(ids.tolist())  # what BPE decoding alone gives
+    assert caption_text(tokenizer, ids) == caption_text(tokenizer, ids.tolist()) == text
 
 
 @pytest.mark.parametrize("vocab_order", ["bpe", "data"])

@@ -16,6 +16,7 @@ from torch import nn
 
 from mmfusion.eval.caption import caption_metrics
 from mmfusion.models.fusion import rerank_score
+from mmfusion.models.text import caption_text
 
 RERANK_CANDIDATES = 10
 
@@ -83,7 +84,7 @@ def generate_captions(model: nn.Module, tokenizer, pixels: torch.Tensor, device:
         ids = model.generate_captions(
             pixels[i : i + batch_size].to(device), tokenizer.sot_token_id, tokenizer.eot_token_id, no_repeat_ngram=4
         )
-        out += [tokenizer.decode(t).strip() for t in ids]
+        out += [caption_text(tokenizer, t) for t in ids]
     return out
 
 

@@ -7,6 +7,8 @@ The tokenizer is open_clip's ``SimpleTokenizer``, whose vocabulary ships inside 
 
 from __future__ import annotations
 
+import re
+
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import TextTransformer
@@ -66,3 +68,10 @@ class TextTower(nn.Module):
 def create_tokenizer(context_length: int) -> SimpleTokenizer:
     """open_clip's BPE tokenizer: ``tokenizer(list_of_str) -> (B, context_length)`` LongTensor."""
     return SimpleTokenizer(context_length=context_length)
+
+
+def caption_text(tokenizer: SimpleTokenizer, ids: list[int] | torch.Tensor) -> str:
+    """Generated token ids as a caption: BPE decoding leaves a space before punctuation ("shapes : a circle ,"),
+    which is removed, so captions read like the text they were trained on ("shapes: a circle,")."""
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+    return re.sub(r"\s+([,.;:!?])", r"\1", tokenizer.decode(ids)).strip()
