@@ -485,9 +485,10 @@ def _read_recipe(path: Path, including: tuple[Path, ...] = ()) -> dict:
         base_path = resolve_config_path(path.parent / base if base.endswith((".yaml", ".yml")) else base)
     except ConfigError as exn:
         raise ConfigError(f"{path}: base: {exn}") from None
-    if base_path.resolve() in (*including, path.resolve()):
+    chain = (*including, path.resolve())
+    if base_path.resolve() in chain:
         raise ConfigError(f"{path}: base '{base}' leads back to itself")
-    return _merge(_read_recipe(base_path, (*including, path.resolve())), data)
+    return _merge(_read_recipe(base_path, chain), data)
 
 
 def load_config(name_or_path: str | Path = "tiny", overrides: list[str] | None = None) -> RunConfig:
